@@ -1,0 +1,271 @@
+"""The systemd units: systemd-analyze verify and security, and what the units must (not) contain.
+
+systemd-analyze runs offline here (PID 1 need not be systemd). Its verify
+exits 0 on unknown directives and only warns, so stderr must be empty too.
+It also insists that ExecStart= names an existing executable: the copies it
+checks point ExecStart at the installed ``walcache`` script (or this Python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from walcache.config import SERVE_OPTIONS, add_serve_arguments
+
+UNITS = Path(__file__).resolve().parent.parent / "systemd"
+TEMPLATE = UNITS / "walcache@.service"
+SERVICE = UNITS / "walcache.service"
+SYSUSERS = UNITS / "walcache.sysusers"
+INSTALLED_BINARY = "/usr/local/bin/walcache"
+MAX_EXPOSURE = 2.0
+
+ANALYZE = shutil.which("systemd-analyze")
+needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed on this machine")
+SYSUSERS_BIN = shutil.which("systemd-sysusers")
+
+Unit = dict[str, dict[str, list[str]]]
+
+
+def parse_unit(text: str) -> Unit:
+    """Sections -> key -> every assignment in order (systemd keys may repeat)."""
+    unit: Unit = {}
+    section: dict[str, list[str]] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = unit.setdefault(line[1:-1], defaultdict(list))
+            continue
+        assert section is not None, f"assignment outside a section: {raw!r}"
+        assert not line.endswith("\\"), "continuation lines are not used in our units"
+        key, sep, value = line.partition("=")
+        assert sep, f"not an assignment: {raw!r}"
+        section[key.strip()].append(value.strip())
+    return unit
+
+
+def one(unit: Unit, section: str, key: str) -> str:
+    values = unit[section].get(key, [])
+    assert len(values) == 1, f"{section}.{key}: expected one value, got {values}"
+    return values[0]
+
+
+def analyze_env() -> dict[str, str]:
+    return {**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": "", "SYSTEMD_LOG_COLOR": "0"}
+
+
+def checkable_copy(source: Path, dest_dir: Path, name: str) -> Path:
+    """``source`` as ``name`` in ``dest_dir``, ExecStart pointed at an executable that exists."""
+    text = source.read_text()
+    assert f"ExecStart={INSTALLED_BINARY} " in text
+    exe = shutil.which("walcache") or sys.executable
+    dest = dest_dir / name
+    dest.write_text(text.replace(f"ExecStart={INSTALLED_BINARY} ", f"ExecStart={exe} "))
+    return dest
+
+
+def verify(path: Path) -> subprocess.CompletedProcess[str]:
+    assert ANALYZE is not None
+    return subprocess.run(
+        [ANALYZE, "verify", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=analyze_env(),
+        cwd=path.parent,
+    )
+
+
+def exposure(path: Path) -> float:
+    assert ANALYZE is not None
+    done = subprocess.run(
+        [ANALYZE, "security", "--offline=true", "--no-pager", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=analyze_env(),
+        cwd=path.parent,
+    )
+    m = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", done.stdout)
+    assert m, f"no overall exposure in output (rc {done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return float(m.group(1))
+
+
+# ------------------------------------------------------------- systemd-analyze
+
+
+@needs_analyze
+@pytest.mark.parametrize("source,name", [(TEMPLATE, "walcache@test.service"), (SERVICE, "walcache.service")])
+def test_systemd_analyze_verify_is_clean(tmp_path: Path, source: Path, name: str) -> None:
+    done = verify(checkable_copy(source, tmp_path, name))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+
+
+@needs_analyze
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ("Type=notify", "Type=notifyy"),  # a bad value: systemd 252 ignores it with a warning
+        ("WatchdogSec=30s", "WatchdogSecs=30s"),  # an unknown key: also only a warning
+    ],
+)
+def test_verify_check_catches_broken_units(tmp_path: Path, old: str, new: str) -> None:
+    # The check above must be able to fail: the same copy with one typo does.
+    unit = checkable_copy(TEMPLATE, tmp_path, "walcache@test.service")
+    text = unit.read_text()
+    assert old in text
+    unit.write_text(text.replace(old, new))
+    done = verify(unit)
+    assert done.stderr != ""
+
+
+@needs_analyze
+def test_template_exposure_is_at_most_two(tmp_path: Path) -> None:
+    score = exposure(checkable_copy(TEMPLATE, tmp_path, "walcache@test.service"))
+    assert score <= MAX_EXPOSURE
+
+
+@needs_analyze
+def test_offline_security_threshold_gate_passes(tmp_path: Path) -> None:
+    assert ANALYZE is not None
+    unit = checkable_copy(TEMPLATE, tmp_path, "walcache@test.service")
+    done = subprocess.run(
+        [ANALYZE, "security", "--offline=true", f"--threshold={int(MAX_EXPOSURE * 10)}", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=analyze_env(),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-2000:]
+
+
+@needs_analyze
+def test_exposure_parse_tells_an_unhardened_unit_apart(tmp_path: Path) -> None:
+    bare = tmp_path / "walcache-bare.service"
+    bare.write_text(f"[Service]\nType=notify\nExecStart={sys.executable} -V\n")
+    assert exposure(bare) > MAX_EXPOSURE
+
+
+# ------------------------------------------------------------ unit contents
+
+
+@pytest.fixture(scope="module")
+def template() -> Unit:
+    return parse_unit(TEMPLATE.read_text())
+
+
+@pytest.fixture(scope="module")
+def service() -> Unit:
+    return parse_unit(SERVICE.read_text())
+
+
+def test_template_runs_a_notify_daemon_with_watchdog_reload_and_restart(template: Unit) -> None:
+    s = "Service"
+    assert one(template, s, "Type") == "notify"
+    assert one(template, s, "Restart") == "on-failure"
+    assert one(template, s, "WatchdogSec") == "30s"
+    assert one(template, s, "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one(template, s, "RestartPreventExitStatus") == "2"  # the CLI's exit status for ConfigError
+    assert one(template, s, "User") == "walcache"
+    assert one(template, s, "Group") == "walcache"
+    assert one(template, s, "RuntimeDirectory") == "walcache/%i"
+    assert one(template, s, "StateDirectory") == "walcache/%i"
+    assert one(template, s, "RuntimeDirectoryMode") == "0750"
+    assert one(template, s, "StateDirectoryMode") == "0750"
+
+
+def test_no_directive_removes_or_hides_the_shared_memory(template: Unit, service: Unit) -> None:
+    for unit in (template, service):
+        svc = unit["Service"]
+        # DynamicUser implies RemoveIPC, which unlinks the user's /dev/shm segments at stop.
+        assert svc.get("DynamicUser", ["no"]) == ["no"]
+        assert svc.get("RemoveIPC", ["no"]) == ["no"]
+        for key in ("InaccessiblePaths", "TemporaryFileSystem", "TemporaryFilesystem", "ReadOnlyPaths", "BindPaths"):
+            assert not any("/dev/shm" in v for v in svc.get(key, [])), key
+        # psutil needs /proc/stat for process start times
+        assert "ProcSubset" not in svc and "ProtectProc" not in svc
+
+
+def test_umask_lets_the_group_read_but_never_write(template: Unit) -> None:
+    umask = int(one(template, "Service", "UMask"), 8)
+    assert umask & 0o040 == 0  # group read survives
+    assert umask & 0o020  # group write is masked
+    assert umask & 0o007 == 0o007  # others get nothing
+
+
+def test_chown_is_allowed_back_after_the_privileged_filter(template: Unit) -> None:
+    # The daemon chowns the socket and the table to its group; ~@privileged includes @chown.
+    filters = template["Service"]["SystemCallFilter"]
+    assert filters.index("~@privileged") < filters.index("@chown")
+
+
+def test_exec_start_arguments_are_serve_options(template: Unit) -> None:
+    argv = shlex.split(one(template, "Service", "ExecStart"))
+    assert argv[0] == INSTALLED_BINARY
+    assert argv[1] == "serve"
+    p = argparse.ArgumentParser(exit_on_error=False)
+    add_serve_arguments(p)
+    ns = p.parse_args(argv[2:])
+    assert ns.config_file == "/etc/walcache/%i.toml"
+
+
+def test_environment_sets_known_options_to_valid_values(template: Unit) -> None:
+    specs = {spec.env: spec for spec in SERVE_OPTIONS}
+    assignments = [a for line in template["Service"]["Environment"] for a in shlex.split(line)]
+    assert assignments, "the unit should set socket_mode and shm_group"
+    seen = {}
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        assert key in specs, f"{key} is not a serve option"
+        seen[specs[key].name] = value
+    assert seen.pop("shm_group") == "walcache"  # the sysusers group; may not exist on this machine
+    for name, value in seen.items():
+        spec = next(s for s in SERVE_OPTIONS if s.name == name)
+        spec.coerce(name, value, "the unit")  # raises ConfigError if invalid
+    assert seen["socket_mode"] == "0660"
+
+
+def test_walcache_service_is_the_template_for_instance_default(template: Unit, service: Unit) -> None:
+    def rendered(unit: Unit) -> dict[tuple[str, str], list[str]]:
+        return {
+            (section, key): [v.replace("%i", "default") for v in values]
+            for section, keys in unit.items()
+            for key, values in keys.items()
+            if key not in ("Description", "Conflicts")
+        }
+
+    assert rendered(service) == rendered(template)
+    assert one(service, "Unit", "Conflicts") == "walcache@default.service"
+
+
+@pytest.mark.skipif(SYSUSERS_BIN is None, reason="systemd-sysusers is not installed on this machine")
+def test_sysusers_creates_a_static_walcache_user_and_group(tmp_path: Path) -> None:
+    assert SYSUSERS_BIN is not None
+    (tmp_path / "etc").mkdir()
+    conf_dir = tmp_path / "usr" / "lib" / "sysusers.d"
+    conf_dir.mkdir(parents=True)
+    shutil.copy(SYSUSERS, conf_dir / "walcache.conf")
+    done = subprocess.run(
+        [SYSUSERS_BIN, f"--root={tmp_path}"], capture_output=True, text=True, timeout=60, env=analyze_env()
+    )
+    assert done.returncode == 0, done.stderr
+    users = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc" / "passwd").read_text().splitlines()}
+    groups = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc" / "group").read_text().splitlines()}
+    user = users["walcache"]
+    assert user[5] == "/var/lib/walcache"
+    assert user[6].endswith("nologin")
+    assert user[3] == groups["walcache"][2]  # primary group is walcache
+    assert 0 < int(user[2]) < 1000  # a system uid
