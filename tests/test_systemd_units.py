@@ -269,3 +269,49 @@ def test_sysusers_creates_a_static_walcache_user_and_group(tmp_path: Path) -> No
     assert user[6].endswith("nologin")
     assert user[3] == groups["walcache"][2]  # primary group is walcache
     assert 0 < int(user[2]) < 1000  # a system uid
+
+
+# What the daemon does, as syscalls: WAL I/O and its durability, the shared
+# table, the socket server, SO_PEERCRED, chown to its group, signals, threads.
+DAEMON_SYSCALLS = """
+    openat read write pread64 pwrite64 lseek fsync fdatasync flock fcntl ftruncate fallocate
+    rename renameat2 unlinkat mkdirat newfstatat statx getdents64 fchmod fchmodat fchown fchownat
+    mmap munmap mremap madvise msync memfd_create
+    socket bind listen accept4 connect getsockopt setsockopt sendto recvfrom sendmsg recvmsg shutdown
+    epoll_create1 epoll_ctl epoll_wait poll pipe2 rt_sigaction rt_sigprocmask kill getpid getuid getgid
+    clock_gettime clock_nanosleep futex clone clone3 set_robust_list getrandom prlimit64 umask
+""".split()
+
+
+def expand_syscall_set(name: str, cache: dict[str, set[str]]) -> set[str]:
+    assert ANALYZE is not None
+    if not name.startswith("@"):
+        return {name}
+    if name not in cache:
+        out = subprocess.run(
+            [ANALYZE, "syscall-filter", "--no-pager", name],
+            capture_output=True, text=True, timeout=60, env=analyze_env(),
+        ).stdout
+        members: set[str] = set()
+        for line in out.splitlines()[1:]:
+            item = line.strip()
+            if item and not item.startswith("#"):
+                members |= expand_syscall_set(item, cache)
+        assert members, f"systemd-analyze knows no set {name}"
+        cache[name] = members
+    return cache[name]
+
+
+@needs_analyze
+def test_seccomp_filter_allows_every_syscall_the_daemon_makes(template: Unit) -> None:
+    # Later SystemCallFilter= lines add to (or with ~ remove from) the allowlist the first one starts.
+    cache: dict[str, set[str]] = {}
+    allowed: set[str] = set()
+    lines = template["Service"]["SystemCallFilter"]
+    assert not lines[0].startswith("~"), "the first filter line must be an allowlist"
+    for line in lines:
+        deny = line.startswith("~")
+        names = set().union(*(expand_syscall_set(n, cache) for n in line.lstrip("~").split()))
+        allowed = allowed - names if deny else allowed | names
+    assert sorted(set(DAEMON_SYSCALLS) - allowed) == []
+    assert "chroot" not in allowed and "setuid" not in allowed  # still no privileged calls
