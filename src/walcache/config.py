@@ -63,6 +63,7 @@ __all__ = [
     "diff",
     "parse_size",
     "format_size",
+    "format_value",
     "group_id",
 ]
 
@@ -171,24 +172,6 @@ def _ratio(name: str, raw: object, source: str) -> float:
     else:
         raise _fail(name, raw, source, expected)
     if math.isnan(value) or not 0.0 < value <= 1.0:
-        raise _fail(name, raw, source, expected)
-    return value
-
-
-def _seconds(name: str, raw: object, source: str) -> float:
-    expected = "expected a number of seconds greater than 0"
-    if isinstance(raw, bool):
-        raise _fail(name, raw, source, expected)
-    if isinstance(raw, (int, float)):
-        value = float(raw)
-    elif isinstance(raw, str):
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise _fail(name, raw, source, expected) from None
-    else:
-        raise _fail(name, raw, source, expected)
-    if not math.isfinite(value) or value <= 0:
         raise _fail(name, raw, source, expected)
     return value
 
