@@ -190,3 +190,78 @@ def test_every_started_process_is_gone(quick_run: dict[str, Any]) -> None:
     for pid in procs["server_pids"] + procs["client_pids"]:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+# --------------------------------------------------------------------------- the YCSB generators
+
+
+def _ycsb() -> Any:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import ycsb
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return ycsb
+
+
+def test_fnvhash64_is_fnv1a_over_eight_little_endian_bytes_as_a_non_negative_long() -> None:
+    ycsb = _ycsb()
+    for val in (0, 1, 255, 256, 12345, 2**40 + 7, 2**63 - 1):
+        h = 0xCBF29CE484222325
+        for byte in val.to_bytes(8, "little"):
+            h = ((h ^ byte) * 1099511628211) % 2**64
+        signed = h - 2**64 if h >= 2**63 else h
+        assert ycsb.fnvhash64(val) == abs(signed), val
+        assert 0 <= ycsb.fnvhash64(val) < 2**63
+
+
+def test_zipfian_gives_item_zero_its_share_and_grows_zeta_incrementally() -> None:
+    ycsb = _ycsb()
+    import random
+
+    seed = 4242
+    n = 1000
+    gen = ycsb.ZipfianGenerator(n, random.Random(seed))
+    draws = [gen.next() for _ in range(200_000)]
+    assert min(draws) >= 0 and max(draws) < n, f"seed {seed}"
+    share0 = draws.count(0) / len(draws)
+    assert share0 == pytest.approx(1 / ycsb.zeta(n, 0.99), rel=0.05), f"seed {seed}"
+    share1 = draws.count(1) / len(draws)
+    assert share1 == pytest.approx(0.5**0.99 / ycsb.zeta(n, 0.99), rel=0.08), f"seed {seed}"
+    gen.next(n + 500)
+    assert gen.zetan == pytest.approx(ycsb.zeta(n + 500, 0.99), rel=1e-12)
+
+
+def test_scrambled_zipfian_spreads_the_hot_keys_and_uses_ycsb_zeta() -> None:
+    ycsb = _ycsb()
+    import random
+    from collections import Counter
+
+    seed = 99
+    n = 100_000
+    gen = ycsb.ScrambledZipfianGenerator(n, random.Random(seed))
+    counts = Counter(gen.next() for _ in range(100_000))
+    assert all(0 <= k < n for k in counts)
+    (hot, hot_count), *_ = counts.most_common(1)
+    # YCSB: the hottest of 10^10 zipfian items has 1/zeta = 1/26.469 of the draws ...
+    assert hot_count / 100_000 == pytest.approx(1 / 26.46902820178302, rel=0.1), f"seed {seed}"
+    # ... and it is placed by the hash, not at key 0.
+    assert hot == ycsb.fnvhash64(0) % n
+
+
+def test_rings_follow_the_workload_mix_and_are_reproducible() -> None:
+    ycsb = _ycsb()
+    from collections import Counter
+
+    for name, w in ycsb.WORKLOADS.items():
+        ring = ycsb.build_ring(w, 10_000, 20_000, seed=7)
+        again = ycsb.build_ring(w, 10_000, 20_000, seed=7)
+        assert (ring.ops, ring.items) == (again.ops, again.items), name
+        mix = Counter(ring.ops)
+        for op, share in ((ycsb.READ, w.read), (ycsb.UPDATE, w.update), (ycsb.INSERT, w.insert), (ycsb.RMW, w.rmw)):
+            assert mix[op] / len(ring.ops) == pytest.approx(share, abs=0.015), (name, op)
+    d = ycsb.build_ring(ycsb.WORKLOADS["D"], 10_000, 20_000, seed=7)
+    reads = [it for op, it in zip(d.ops, d.items) if op == ycsb.READ]
+    # "latest": offset 0 (the newest key) is the most read, with the zipfian share of item 0.
+    assert Counter(reads).most_common(1)[0][0] == 0
+    assert reads.count(0) / len(reads) == pytest.approx(1 / ycsb.zeta(10_000, 0.99), rel=0.15)
