@@ -1,0 +1,303 @@
+"""The file-system seam: every durable I/O of the log goes through a FileOps.
+
+:class:`FileOps` is the real thing (``os.pwrite``, ``os.fdatasync``, ``os.rename``,
+a directory fsync, ``os.ftruncate``, ``os.unlink``). :class:`FaultyFileOps` is the
+same thing with faults for tests, injected here and nowhere else (never by
+patching the standard library):
+
+* fail the n-th fdatasync with EIO (or any errno), fail the n-th write;
+* run out of space (ENOSPC) after N bytes: the crossing write is short, the
+  next one raises, as Linux does;
+* short writes (each pwrite writes a random, non-empty prefix);
+* "crash" after N bytes: the crossing write is cut there and every later
+  call raises :class:`SimulatedCrash` (a BaseException, so no ``except
+  OSError`` in the code under test can swallow it: the process is dead);
+* power loss: :meth:`FaultyFileOps.drop_unsynced` puts every file it touched
+  back to what the last successful fdatasync made durable, and every directory
+  back to its entries at the last fsync of that directory. With
+  ``keep_fraction > 0`` a random subset of the unsynced 512-byte sectors (and
+  possibly the new size) survive, the way a disk may have written some of the
+  page cache back before the power went.
+
+The durability model (what survives a power cut) is: file contents as of the
+last fdatasync that returned without error; directory entries (creations,
+renames, unlinks) as of the last fsync of the directory; files a process
+found already present are durable as found. A failed fdatasync makes nothing
+durable.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import io
+import os
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["FileOps", "FaultyFileOps", "SimulatedCrash"]
+
+
+class FileOps:
+    """Real durable I/O on local files (the daemon's default)."""
+
+    def open(self, path: Path, flags: int, mode: int = 0o644) -> int:
+        return os.open(path, flags | os.O_CLOEXEC, mode)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        """One pwrite; may write fewer bytes than given (see :meth:`pwrite_all`)."""
+        return os.pwrite(fd, data, offset)
+
+    def pwrite_all(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """Write all of ``data`` at ``offset``, continuing after short writes."""
+        view = memoryview(data)
+        while view:
+            n = self.pwrite(fd, view, offset)
+            if n <= 0:
+                # Never expected from a regular file, but looping on it would hang the flusher.
+                raise OSError(errno_mod.EIO, "pwrite wrote nothing")
+            view = view[n:]
+            offset += n
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def fsize(self, fd: int) -> int:
+        return os.fstat(fd).st_size
+
+    def read_file(self, path: Path) -> bytes:
+        """The whole file in one bytes object (one read: FileIO sizes it by fstat)."""
+        with io.FileIO(path, "r") as f:
+            return f.readall()
+
+    def rename(self, src: Path, dst: Path) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: Path) -> None:
+        os.unlink(path)
+
+    def fsync_dir(self, path: Path) -> None:
+        """Make creations, renames and unlinks in directory ``path`` durable."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def listdir(self, path: Path) -> list[str]:
+        return os.listdir(path)
+
+
+class SimulatedCrash(BaseException):
+    """Raised by FaultyFileOps once its crash point is reached: the 'process' died there."""
+
+
+class FaultyFileOps(FileOps):
+    """FileOps with injectable faults and a model of what survives power loss (see module doc)."""
+
+    def __init__(
+        self,
+        *,
+        fail_fsync_at: int | Iterable[int] | None = None,
+        fsync_errno: int = errno_mod.EIO,
+        fail_write_at: int | Iterable[int] | None = None,
+        write_errno: int = errno_mod.EIO,
+        enospc_after: int | None = None,
+        short_write_max: int | None = None,
+        crash_after_bytes: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.fail_fsync_at = _as_set(fail_fsync_at)
+        self.fsync_errno = fsync_errno
+        self.fail_write_at = _as_set(fail_write_at)
+        self.write_errno = write_errno
+        self.enospc_after = enospc_after
+        self.short_write_max = short_write_max
+        self.crash_after_bytes = crash_after_bytes
+        self.rng = random.Random(seed)
+        # Counters tests assert on.
+        self.fsyncs = 0  # fdatasync calls, failed ones included
+        self.dir_fsyncs = 0
+        self.writes = 0  # pwrite calls
+        self.bytes_written = 0
+        self.crashed = False
+        # Durability model.
+        self._fd_ino: dict[int, int] = {}
+        self._fd_path: dict[int, Path] = {}
+        self._durable: dict[int, bytes] = {}  # ino -> content at its last good fdatasync
+        self._dirs: dict[Path, dict[str, int]] = {}  # dir -> durable entries (name -> ino)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _alive(self) -> None:
+        if self.crashed:
+            raise SimulatedCrash("the process already crashed")
+
+    def _track_dir(self, d: Path) -> None:
+        if d not in self._dirs:
+            self._dirs[d] = _listing(d)
+            for name, ino in self._dirs[d].items():
+                # Found on disk when we first looked: durable as found.
+                self._durable.setdefault(ino, _read(d / name))
+
+    def synced_length(self, path: Path) -> int:
+        """Length of ``path``'s content that the last good fdatasync made durable."""
+        return len(self._durable.get(os.stat(path).st_ino, b""))
+
+    # ----------------------------------------------------------------- FileOps
+
+    def open(self, path: Path, flags: int, mode: int = 0o644) -> int:
+        self._alive()
+        path = Path(path)
+        self._track_dir(path.parent)
+        existed = path.exists()
+        fd = super().open(path, flags, mode)
+        ino = os.fstat(fd).st_ino
+        if not existed:
+            self._durable[ino] = b""  # created now: nothing of it is durable yet
+        else:
+            self._durable.setdefault(ino, _read(path))
+        self._fd_ino[fd] = ino
+        self._fd_path[fd] = path
+        return fd
+
+    def close(self, fd: int) -> None:
+        self._fd_ino.pop(fd, None)
+        self._fd_path.pop(fd, None)
+        super().close(fd)
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        self._alive()
+        self.writes += 1
+        if self.writes in self.fail_write_at:
+            raise OSError(self.write_errno, os.strerror(self.write_errno), str(self._fd_path.get(fd)))
+        view = memoryview(data)
+        n = len(view)
+        if self.short_write_max is not None and n > 1:
+            n = self.rng.randint(1, min(n, self.short_write_max))
+        if self.enospc_after is not None:
+            room = self.enospc_after - self.bytes_written
+            if room <= 0:
+                raise OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC), str(self._fd_path.get(fd)))
+            n = min(n, room)
+        if self.crash_after_bytes is not None and self.bytes_written + n >= self.crash_after_bytes:
+            cut = self.crash_after_bytes - self.bytes_written
+            if cut > 0:
+                super().pwrite(fd, view[:cut], offset)
+                self.bytes_written += cut
+            self.crashed = True
+            raise SimulatedCrash(f"crash after {self.crash_after_bytes} bytes written")
+        written = super().pwrite(fd, view[:n], offset)
+        self.bytes_written += written
+        return written
+
+    def fdatasync(self, fd: int) -> None:
+        self._alive()
+        self.fsyncs += 1
+        if self.fsyncs in self.fail_fsync_at:
+            raise OSError(self.fsync_errno, os.strerror(self.fsync_errno), str(self._fd_path.get(fd)))
+        super().fdatasync(fd)
+        self._durable[self._fd_ino[fd]] = os.pread(fd, os.fstat(fd).st_size, 0)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        self._alive()
+        super().ftruncate(fd, size)
+
+    def read_file(self, path: Path) -> bytes:
+        self._alive()
+        return super().read_file(path)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        self._alive()
+        self._track_dir(Path(src).parent)
+        self._track_dir(Path(dst).parent)
+        super().rename(src, dst)
+
+    def unlink(self, path: Path) -> None:
+        self._alive()
+        self._track_dir(Path(path).parent)
+        super().unlink(path)
+
+    def fsync_dir(self, path: Path) -> None:
+        self._alive()
+        self.dir_fsyncs += 1
+        super().fsync_dir(path)
+        self._dirs[Path(path)] = _listing(Path(path))
+
+    # ----------------------------------------------------------------- power loss
+
+    def drop_unsynced(self, *, keep_fraction: float = 0.0, sector: int = 512, seed: int | None = None) -> None:
+        """Simulate a power cut: every touched file and directory reverts to its durable state.
+
+        Open descriptors are closed (the process died with the machine). With
+        ``keep_fraction`` > 0 each unsynced sector that differs survives with
+        that probability, and a changed file size survives with it too.
+        """
+        rng = random.Random(seed) if seed is not None else self.rng
+        for fd in list(self._fd_ino):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fd_ino.clear()
+        self._fd_path.clear()
+        for d, durable_entries in self._dirs.items():
+            current = _listing(d)
+            for name, ino in current.items():
+                if durable_entries.get(name) != ino:
+                    os.unlink(d / name)  # its directory entry never became durable
+            for name, ino in durable_entries.items():
+                path = d / name
+                content = self._durable.get(ino, b"")
+                if current.get(name) == ino:
+                    content = _mix(content, _read(path), keep_fraction, sector, rng)
+                with open(path, "wb") as f:  # same inode if it still exists, else a new file
+                    f.write(content)
+                    f.flush()
+                    os.fsync(f.fileno())
+            self._dirs[d] = _listing(d)
+            for name, ino in self._dirs[d].items():
+                self._durable[ino] = _read(d / name)
+        self.crashed = False
+
+
+def _as_set(v: int | Iterable[int] | None) -> set[int]:
+    if v is None:
+        return set()
+    if isinstance(v, int):
+        return {v}
+    return set(v)
+
+
+def _listing(d: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for entry in os.scandir(d):
+        if entry.is_file(follow_symlinks=False):
+            out[entry.name] = entry.inode()
+    return out
+
+
+def _read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _mix(durable: bytes, current: bytes, keep: float, sector: int, rng: random.Random) -> bytes:
+    """What a disk may hold after a power cut: durable bytes plus some unsynced sectors."""
+    if keep <= 0.0 or durable == current:
+        return durable
+    size = len(current) if len(current) != len(durable) and rng.random() < keep else len(durable)
+    old = durable.ljust(size, b"\0")[:size]
+    new = current.ljust(size, b"\0")[:size]
+    out = bytearray(old)
+    for start in range(0, size, sector):
+        end = min(start + sector, size)
+        if old[start:end] != new[start:end] and rng.random() < keep:
+            out[start:end] = new[start:end]
+    return bytes(out)

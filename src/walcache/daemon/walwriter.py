@@ -1,0 +1,340 @@
+"""Appending to the log: seqnos, group commit, fsync policies, segment files.
+
+Threads. ``encode()`` runs on the daemon's event-loop thread and touches no
+file: it assigns the next seqno and builds the record bytes (it reads
+``durable_seqno``, an int the flusher replaces atomically under the GIL; a
+stale value only makes the record claim less, which is safe). ``append()``,
+``sync()``, ``sync_if_due()``, ``rotate()`` and ``close()`` do the I/O and are
+serialized by one lock; the daemon calls them from its one flusher thread
+(``sync`` may also come from shutdown). ``os.pwrite`` and ``os.fdatasync``
+release the GIL, so the loop keeps encoding while a group is being synced.
+
+Group commit. ``append(data)`` takes many encoded records joined together,
+writes them with one pwrite (continued after short writes) and, under policy
+``always``, syncs them with one fdatasync before returning: the caller may
+acknowledge every record in ``data`` once it returns. Policies:
+
+* ``always``: fdatasync before append returns (survives power loss);
+* ``interval``: fdatasync when ``interval_ms`` have passed since the last one,
+  checked at each append and by ``sync_if_due()`` (an acknowledged write
+  survives a process crash; power loss may take the last interval);
+* ``never``: the OS writes back when it likes (survives a process crash only);
+  segments are still synced when they are sealed and at close.
+
+Failure. Any error from a write, an fdatasync, a truncate or a segment
+creation sets ``failed``: that call raises :class:`walcache.LogFailed`, and so
+does every later append, sync and encode. Nothing is retried: after a failed
+fdatasync Linux may have dropped the dirty pages and a second fdatasync would
+"succeed" without the data (PostgreSQL's fsync lesson). The daemon stops
+acknowledging; a restart recovers from what reached the disk.
+
+Space. Segment files grow in zero-filled extents (``EXTENT_BYTES``): records
+then overwrite allocated blocks, so an fdatasync has no size or extent change
+to journal (25-45 % cheaper here: 75-85 us vs 113-115 us p50 measured on this
+disk), and running out of space shows up when an extent is added.
+
+Segments. ``append`` seals the current segment and starts the next when the
+group would not fit in ``segment_bytes`` (a group never straddles segments; a
+group larger than ``segment_bytes`` gets a segment of its own). Sealing and
+creating are numbered steps, each a possible crash point (recovery handles
+every one of them)::
+
+    1. trim the sealed segment to its last record and fdatasync it: every
+       segment but the newest is complete and durable;
+    2. write the next segment's header (+ first extent) to wal-<n>.log.tmp and
+       fdatasync it;
+    3. rename it to wal-<n>.log;
+    4. fsync the directory;
+    5. switch appends to it and close the sealed one.
+
+A crash before 3 leaves a .tmp that open_log deletes; after 3 the new segment
+is an empty newest segment whose first seqno continues the sealed one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import ConfigError, LogFailed, StorageError
+from .fileops import FileOps
+from .walformat import (
+    SEGMENT_HEADER_SIZE,
+    Op,
+    encode_record,
+    encode_segment_header,
+    group_bounds,
+    segment_name,
+)
+
+__all__ = ["WalWriter", "POLICIES", "EXTENT_BYTES", "DEFAULT_SEGMENT_BYTES", "create_segment"]
+
+log = logging.getLogger("walcache.wal")
+
+POLICIES = ("always", "interval", "never")
+EXTENT_BYTES = 4 << 20
+DEFAULT_SEGMENT_BYTES = 64 << 20
+_ZEROS = bytes(1 << 20)
+
+
+def _fill_zeros(fileops: FileOps, fd: int, start: int, end: int) -> None:
+    while start < end:
+        n = min(end - start, len(_ZEROS))
+        fileops.pwrite_all(fd, memoryview(_ZEROS)[:n], start)
+        start += n
+
+
+def create_segment(
+    fileops: FileOps, data_dir: Path, segno: int, first_seqno: int, salt: int, size: int
+) -> tuple[int, Path]:
+    """Steps 2-4 (see module doc): a new durable segment of ``size`` bytes; returns (fd, path)."""
+    final = data_dir / segment_name(segno)
+    tmp = final.with_name(final.name + ".tmp")
+    if final.exists():
+        raise StorageError(f"{final} already exists; refusing to overwrite a segment", path=str(final))
+    fd = fileops.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        fileops.pwrite_all(fd, encode_segment_header(segno, first_seqno, time.time_ns(), salt), 0)
+        _fill_zeros(fileops, fd, SEGMENT_HEADER_SIZE, max(size, SEGMENT_HEADER_SIZE))
+        fileops.fdatasync(fd)
+        fileops.rename(tmp, final)
+        fileops.fsync_dir(data_dir)
+    except BaseException:
+        fileops.close(fd)
+        raise
+    log.info("started segment %s (first seqno %d)", final.name, first_seqno)
+    return fd, final
+
+
+class WalWriter:
+    """The only writer of one log; made by :func:`walcache.daemon.recovery.open_log`."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        fileops: FileOps,
+        *,
+        fd: int,
+        path: Path,
+        segno: int,
+        salt: int,
+        offset: int,
+        file_size: int,
+        last_seqno: int,
+        policy: str = "always",
+        interval_ms: int = 1000,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    ) -> None:
+        self.check_config(policy, interval_ms, segment_bytes)
+        self.data_dir = data_dir
+        self.fileops = fileops
+        self.policy = policy
+        self.interval_ms = interval_ms
+        self.segment_bytes = segment_bytes
+        self.extent_bytes = min(EXTENT_BYTES, segment_bytes)
+        self.salt = salt
+        self.path = path
+        self.segno = segno
+        self.offset = offset  # where the next record goes
+        self.next_seqno = last_seqno + 1  # what encode() assigns next (loop thread)
+        self.written_seqno = last_seqno  # last seqno handed to pwrite
+        # Recovery synced the segment before handing it over, so everything replayed is durable.
+        self.durable_seqno = last_seqno
+        self.failed = False
+        self.closed = False
+        # Counters for stats and tests.
+        self.appends = 0
+        self.syncs = 0
+        self.bytes_appended = 0
+        self.last_sync_seconds = 0.0
+        self._fd = fd
+        self._file_size = file_size
+        self._dirty = False  # bytes written since the last good fdatasync
+        self._last_sync = time.monotonic()
+        self._lock = threading.Lock()
+        self._failure: LogFailed | None = None
+
+    @staticmethod
+    def check_config(policy: str, interval_ms: int, segment_bytes: int) -> None:
+        """ConfigError unless these writer settings are usable."""
+        if policy not in POLICIES:
+            raise ConfigError(f"fsync policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+        if policy == "interval" and interval_ms <= 0:
+            raise ConfigError(f"fsync interval must be a positive number of ms, not {interval_ms}")
+        if segment_bytes < 4096:
+            raise ConfigError(f"segment size must be at least 4096 bytes, not {segment_bytes}")
+
+    # ----------------------------------------------------------- loop thread
+
+    def encode(self, ops: Sequence[Op]) -> tuple[int, bytes]:
+        """Assign the next seqno to ``ops`` and return (seqno, record bytes). Touches no file.
+
+        Every seqno handed out must later be appended, in order: append()
+        refuses a gap. ValueError (bad ops) leaves the counter unchanged.
+        """
+        if self.failed or self.closed:
+            raise self._unusable()
+        seqno = self.next_seqno
+        data = encode_record(seqno, ops, durable_seqno=self.durable_seqno, salt=self.salt)
+        self.next_seqno = seqno + 1
+        return seqno, data
+
+    # ----------------------------------------------------------- flusher thread
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        """Write a group of encoded records (one pwrite; one fdatasync under ``always``).
+
+        Returns once the group is written (and synced, per policy). Raises
+        LogFailed on any I/O error, now and on every later call; ValueError if
+        ``data`` is not whole records continuing the seqnos (nothing written).
+        """
+        with self._lock:
+            if self.failed or self.closed:
+                raise self._unusable()
+            if not data:
+                return
+            first, last, _count = group_bounds(data)
+            if first != self.written_seqno + 1:
+                raise ValueError(
+                    f"records must be appended in seqno order: group starts at {first}, "
+                    f"the log is at {self.written_seqno}"
+                )
+            n = len(data)
+            try:
+                if self.offset > SEGMENT_HEADER_SIZE and self.offset + n > self.segment_bytes:
+                    self._rotate_locked(first)
+                self._reserve(n)
+                self.fileops.pwrite_all(self._fd, data, self.offset)
+            except OSError as exc:
+                raise self._fail(exc, "write") from exc
+            self.offset += n
+            self.written_seqno = last
+            self._dirty = True
+            self.appends += 1
+            self.bytes_appended += n
+            if self.policy == "always" or (self.policy == "interval" and self._due()):
+                self._sync_locked()
+
+    def sync(self) -> None:
+        """fdatasync what was appended (no-op if nothing is pending). LogFailed on error."""
+        with self._lock:
+            if self.failed or self.closed:
+                raise self._unusable()
+            self._sync_locked()
+
+    def sync_if_due(self) -> None:
+        """Under ``interval``: sync if the interval has passed since the last sync."""
+        if self.policy != "interval":
+            return
+        with self._lock:
+            if self.failed or self.closed:
+                raise self._unusable()
+            if self._due():
+                self._sync_locked()
+
+    def rotate(self) -> int:
+        """Seal the current segment and start the next (steps 1-5); returns the sealed segno.
+
+        For the rotation and compaction policy built on top. When the current
+        segment holds no record yet, nothing happens and its segno is returned.
+        """
+        with self._lock:
+            if self.failed or self.closed:
+                raise self._unusable()
+            if self.offset == SEGMENT_HEADER_SIZE:
+                return self.segno
+            sealed = self.segno
+            try:
+                self._rotate_locked(self.written_seqno + 1)
+            except OSError as exc:
+                raise self._fail(exc, "rotate") from exc
+            return sealed
+
+    def close(self) -> None:
+        """Sync (unless failed) and close. Idempotent; LogFailed if the final sync fails."""
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                if not self.failed:
+                    self._sync_locked()
+            finally:
+                self.closed = True
+                self.fileops.close(self._fd)
+
+    # ----------------------------------------------------------- internals
+
+    def _due(self) -> bool:
+        return self._dirty and (time.monotonic() - self._last_sync) * 1000.0 >= self.interval_ms
+
+    def _sync_locked(self) -> None:
+        if not self._dirty:
+            return
+        target = self.written_seqno
+        t0 = time.monotonic()
+        try:
+            self.fileops.fdatasync(self._fd)
+        except OSError as exc:
+            raise self._fail(exc, "fdatasync") from exc
+        now = time.monotonic()
+        self._dirty = False
+        self._last_sync = now
+        self.last_sync_seconds = now - t0
+        self.syncs += 1
+        self.durable_seqno = target
+
+    def _reserve(self, n: int) -> None:
+        """Make sure ``[offset, offset+n)`` lies in zero-filled, allocated space."""
+        need = self.offset + n
+        if need <= self._file_size:
+            return
+        ext = self.extent_bytes
+        new_size = max(need, min(-(-need // ext) * ext, self.segment_bytes))
+        _fill_zeros(self.fileops, self._fd, self._file_size, new_size)
+        self._file_size = new_size
+        self._dirty = True
+
+    def _rotate_locked(self, first_seqno: int) -> None:
+        # 1. Trim and seal: every segment but the newest is complete and durable.
+        self.fileops.ftruncate(self._fd, self.offset)
+        self._file_size = self.offset
+        self._dirty = True
+        self._sync_locked()
+        # 2-4. The next segment, durable under its final name.
+        fd, path = create_segment(
+            self.fileops, self.data_dir, self.segno + 1, first_seqno, self.salt, self.extent_bytes
+        )
+        # 5. Switch.
+        old = self._fd
+        self._fd, self.path, self.segno = fd, path, self.segno + 1
+        self.offset = SEGMENT_HEADER_SIZE
+        self._file_size = max(self.extent_bytes, SEGMENT_HEADER_SIZE)
+        self.fileops.close(old)
+
+    def _fail(self, exc: OSError, what: str) -> LogFailed:
+        self.failed = True
+        err = LogFailed(
+            f"{what} of {self.path} at offset {self.offset} failed: {exc.strerror or exc} "
+            f"(errno {exc.errno}); the log accepts no more writes and nothing is retried. "
+            "Restart the daemon: recovery replays what reached the disk.",
+            path=str(self.path),
+            offset=self.offset,
+            errno=exc.errno,
+        )
+        self._failure = err
+        log.error("%s", err)
+        return err
+
+    def _unusable(self) -> LogFailed:
+        if self._failure is not None:
+            return LogFailed(
+                f"the log failed earlier and accepts no more writes: {self._failure}",
+                path=self._failure.path,
+                offset=self._failure.offset,
+                errno=self._failure.errno,
+            )
+        return LogFailed("the log is closed", path=str(self.path))
