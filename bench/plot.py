@@ -58,6 +58,9 @@ def write_plot(doc: dict[str, Any], path: Path) -> None:
                         ys.append(row["ops_per_s"])
                 label = f"{pid}{' (durable)' if power.get(pid) == 'yes' else ''}"
                 ax.bar(xs, ys, width=width, color=colors[pid], label=label)
+            if not ax.patches:
+                _empty(ax, "no measured cell")
+                continue
             ax.set_yscale("log")
             ax.set_xticks(range(len(workloads)))
             ax.set_xticklabels(workloads)
@@ -84,6 +87,9 @@ def write_plot(doc: dict[str, Any], path: Path) -> None:
             names.append(pid)
             p50s.append(o["p50_us"])
             p99s.append(o["p99_us"])
+        if not names:
+            _empty(ax, f"no {op} latency for workload {w}, {vs0} B, {nc} client(s)")
+            continue
         ys = list(range(len(names)))
         ax.barh(ys, p50s, color=[colors[n] for n in names], label="p50")
         ax.errorbar(
@@ -99,7 +105,12 @@ def write_plot(doc: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{op} latency, workload {w}, {vs0} B, {nc} client(s)", fontsize=10)
         ax.grid(axis="x", which="both", alpha=0.3)
 
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles: list[Any] = []
+    labels: list[str] = []
+    for ax in axes.flat:
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            break
     fig.legend(handles, labels, loc="upper center", ncol=min(len(peers), 4), fontsize=9, frameon=False)
     m = doc["machine"]
     fig.text(
@@ -112,6 +123,11 @@ def write_plot(doc: dict[str, Any], path: Path) -> None:
     fig.tight_layout(rect=(0, 0.25 / height_in, 1, 1 - 0.55 / height_in))
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _empty(ax: Any, text: str) -> None:
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, transform=ax.transAxes)
 
 
 def main(argv: list[str]) -> int:
