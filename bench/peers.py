@@ -186,6 +186,7 @@ class Peer(ABC):
 
     def __init__(self) -> None:
         self.workdir: Path | None = None
+        self.expected_keys = 0
         self.server: ServerProcess | None = None
         self.notes: list[str] = []
 
@@ -195,9 +196,13 @@ class Peer(ABC):
     def versions(self) -> dict[str, str]:
         return {}
 
-    def start(self, workdir: Path) -> None:
-        """Start a fresh, empty instance in ``workdir`` (servers: spawn and wait ready)."""
+    def start(self, workdir: Path, expected_keys: int = 0) -> None:
+        """Start a fresh, empty instance in ``workdir`` (servers: spawn and wait ready).
+
+        ``expected_keys`` lets a store that is sized up front be sized as its user would.
+        """
         self.workdir = workdir
+        self.expected_keys = expected_keys
 
     def stop(self) -> None:
         if self.server is not None:
@@ -298,6 +303,13 @@ class WalcachePeer(Peer):
                 self.socket_path,
                 "--fsync",
                 self.fsync,
+                # Sized as a user would for this data set: index pre-sized for the keys,
+                # and a memory cap that 100,000 x 4 KiB plus workload D's inserts stay under
+                # (memcached gets the same room with -m).
+                "--initial-capacity",
+                str(max(self.expected_keys, 1024)),
+                "--max-memory",
+                "4G",
             ],
             self.workdir / "daemon.log",
         )
@@ -319,8 +331,8 @@ class WalcachePeer(Peer):
 
         _wait_until(probe, START_TIMEOUT_S, "walcache daemon", self.server)
 
-    def start(self, workdir: Path) -> None:
-        super().start(workdir)
+    def start(self, workdir: Path, expected_keys: int = 0) -> None:
+        super().start(workdir, expected_keys)
         (workdir / "data").mkdir()
         self.socket_path = str(workdir / "walcache.sock")
         self._spawn()
@@ -457,8 +469,8 @@ class RedisPeer(Peer):
 
         _wait_until(probe, START_TIMEOUT_S, "redis-server", self.server)
 
-    def start(self, workdir: Path) -> None:
-        super().start(workdir)
+    def start(self, workdir: Path, expected_keys: int = 0) -> None:
+        super().start(workdir, expected_keys)
         self.socket_path = str(workdir / "redis.sock")
         self._spawn()
         self._wait_ready()
@@ -505,7 +517,7 @@ class _MemcachedStore(Store):
 class MemcachedPeer(Peer):
     id = "memcached"
     name = "memcached"
-    setting = "pymemcache, noreply=False, Unix socket, -m 2048"
+    setting = "pymemcache, noreply=False, Unix socket, -m 4096"
     survives_power_loss = "no"
     durability = "no: memory only (lost on any restart)"
     pip_requires = ("pymemcache",)
@@ -524,12 +536,12 @@ class MemcachedPeer(Peer):
         out = subprocess.run(["memcached", "-V"], capture_output=True, text=True, timeout=10).stdout
         return {"memcached": out.strip(), "pymemcache": pip_version("pymemcache") or "?"}
 
-    def start(self, workdir: Path) -> None:
-        super().start(workdir)
+    def start(self, workdir: Path, expected_keys: int = 0) -> None:
+        super().start(workdir, expected_keys)
         self.socket_path = str(workdir / "memcached.sock")
         # -s serves the Unix socket only (no TCP); memory sized so 100,000 x 4 KiB plus
         # inserts never evict (an eviction would show up as read misses).
-        argv = ["memcached", "-s", self.socket_path, "-a", "0700", "-m", "2048", "-c", "1024"]
+        argv = ["memcached", "-s", self.socket_path, "-a", "0700", "-m", "4096", "-c", "1024"]
         if os.geteuid() == 0:
             argv += ["-u", "root"]  # memcached refuses to run as root without it
         self.server = ServerProcess(argv, workdir / "memcached.log")
@@ -641,8 +653,8 @@ class LmdbPeer(Peer):
 
         return {"py-lmdb": pip_version("lmdb") or "?", "LMDB C": ".".join(map(str, lmdb.version()))}
 
-    def start(self, workdir: Path) -> None:
-        super().start(workdir)
+    def start(self, workdir: Path, expected_keys: int = 0) -> None:
+        super().start(workdir, expected_keys)
         (workdir / "lmdb").mkdir()
 
     def connect(self) -> Store:
@@ -694,8 +706,8 @@ class SqlitePeer(Peer):
     def versions(self) -> dict[str, str]:
         return {"sqlite3": sqlite3.sqlite_version}
 
-    def start(self, workdir: Path) -> None:
-        super().start(workdir)
+    def start(self, workdir: Path, expected_keys: int = 0) -> None:
+        super().start(workdir, expected_keys)
         self.connect().close()  # create the table once, before clients race to
 
     def connect(self) -> Store:

@@ -559,7 +559,7 @@ def bench_peer(peer: Peer, params: Params, state: RunState, results: list[dict[s
         state.started.append(peer)
         try:
             try:
-                peer.start(workdir)
+                peer.start(workdir, params.record_count)
                 load_s = load_records(peer, params.record_count, value_size, params.seed)
             except Exception as exc:  # noqa: BLE001 - every cell of this size gets the reason
                 reason = f"start or load failed: {type(exc).__name__}: {exc}"
@@ -638,7 +638,7 @@ def restart_test(peer: Peer, params: Params, state: RunState) -> dict[str, Any]:
     state.started.append(peer)
     row: dict[str, Any] = {"peer": peer.id, "keys": params.restart_keys, "value_size": RESTART_VALUE_SIZE}
     try:
-        peer.start(workdir)
+        peer.start(workdir, params.restart_keys)
         load_s = load_records(peer, params.restart_keys, RESTART_VALUE_SIZE, params.seed)
         row["load_s"] = round(load_s, 3)
         row["data_bytes_before_kill"] = peer.data_bytes()
