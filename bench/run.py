@@ -911,7 +911,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, format="%(name)s: %(message)s")
     params = make_params(a)
     wall0 = time.perf_counter()
+    # Both end the run through the finally block that stops every server by pid (SIGINT
+    # explicitly: a shell that starts us in the background leaves it ignored).
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     now = _dt.datetime.now().astimezone()
     install_log: list[str] = []
     if not a.no_install:
