@@ -1,0 +1,1210 @@
+/*
+ * walcache.shm._creader: the compiled reader of the shared table.
+ *
+ * It follows, step by step, the layout and the reader protocol (R1..R7) written once in
+ * walcache/shm/layout.py; nothing here defines the format. The constants below mirror
+ * layout.py and walcache.shm.creader refuses this module when LAYOUT_VERSION differs
+ * (a test pins every constant against layout.py).
+ *
+ * Memory ordering (Boehm, "Can seqlocks get along with programming language memory
+ * models?"; the kernel's read_seqcount_begin / read_seqcount_retry):
+ *   - the record's seq is read with an acquire load (R3), so no read of the record can
+ *     be hoisted above it, on any architecture;
+ *   - every other shared word is read once, with a relaxed atomic load, into a local,
+ *     and only the local is used (a garbage length cannot change between its bounds
+ *     check and its use);
+ *   - key and value bytes are compared and copied with memcmp/memcpy inside the read
+ *     section: they may race with the writer, but nothing derived from them is trusted
+ *     before the seq is re-read;
+ *   - an acquire fence precedes the re-read of the seq (R5), so every read of the
+ *     section is ordered before it.
+ * On x86-64 all of this compiles to plain moves; on aarch64 the same source emits the
+ * barriers pure Python cannot, which is why this reader is lock-free everywhere.
+ *
+ * The data segment is a read-only buffer exported by the Python reader's mmap: this
+ * module never maps, remaps or unmaps anything. When a get meets MOVED, or keeps
+ * racing the writer past the retry bounds, it calls back into Python (the subclass in
+ * creader.py: _remap and _contended), which owns remapping, the control segment and the
+ * writer-liveness check, then re-attaches the new buffer here.
+ *
+ * The GIL is held for every access to the mapping. Python code that can run in between
+ * (a hook, codec.encode_key for unusual key types, msgpack) is only ever called while
+ * no pointer into the mapping is live, and the geometry is reloaded after it.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#if ATOMIC_LLONG_LOCK_FREE != 2
+/* A lock-based 64-bit atomic is process-private and may write to the read-only map. */
+#error "walcache._creader needs lock-free 64-bit atomic loads"
+#endif
+
+/* ---- layout constants (walcache/shm/layout.py; any change there bumps the version) ---- */
+
+#define LAYOUT_VERSION 1
+#define HEADER_SIZE 256
+#define SLOT_SIZE 8
+#define REC_HEADER_SIZE 32
+#define REC_HEADER_WORDS 4
+#define MIN_CAPACITY 8
+#define MAX_KEY_BYTES 65535
+#define MAX_SEGMENT_BYTES ((UINT64_C(1) << 35) - 64)
+#define SLOT_EMPTY UINT64_C(0)
+#define SLOT_TOMBSTONE (UINT64_C(1) << 32)
+#define SLOT_MOVED UINT64_MAX
+#define FP_MASK UINT64_C(0xFFFFFFFF00000000)
+#define LOC_MASK UINT64_C(0xFFFFFFFF)
+#define RETRY_MIN_TRIES 64
+#define RETRY_MIN_NS 1000000
+
+/* header word indices */
+#define H_VERSION 1
+#define H_GENERATION 2
+#define H_SEGMENT_BYTES 4
+#define H_CAPACITY 5
+#define H_INDEX_OFF 6
+#define H_DATA_OFF 7
+#define H_STALE 10
+/* record word offsets */
+#define R_SEQ 0
+#define R_LENS 1
+#define R_EXPIRY_VFLAG 2
+#define R_SEQNO 3
+
+static const char DATA_MAGIC[8] = {'W', 'A', 'L', 'C', 'T', 'B', 'L', '\0'};
+
+typedef _Atomic uint64_t aword;
+
+static inline uint64_t
+load_relaxed(const aword *p)
+{
+    return atomic_load_explicit((aword *)p, memory_order_relaxed);
+}
+
+static inline uint64_t
+load_acquire(const aword *p)
+{
+    return atomic_load_explicit((aword *)p, memory_order_acquire);
+}
+
+static inline void
+cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+#if defined(__GNUC__)
+#define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#define PREFETCH(p) ((void)0)
+#define LIKELY(x) (x)
+#define UNLIKELY(x) (x)
+#endif
+
+static uint64_t
+clock_ns(clockid_t clk)
+{
+    struct timespec ts;
+    clock_gettime(clk, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* The writer's clock for expiry: layout.now_ms() is int(time.time() * 1000). */
+static uint64_t
+now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* ---- XXH64 (Yann Collet's specification, xxhash doc/xxhash_spec.md), written here ---- */
+
+#define P64_1 UINT64_C(0x9E3779B185EBCA87)
+#define P64_2 UINT64_C(0xC2B2AE3D27D4EB4F)
+#define P64_3 UINT64_C(0x165667B19E3779F9)
+#define P64_4 UINT64_C(0x85EBCA77C2B2AE63)
+#define P64_5 UINT64_C(0x27D4EB2F165667C5)
+
+static inline uint64_t
+rotl64(uint64_t x, int r)
+{
+    return (x << r) | (x >> (64 - r));
+}
+
+/* The specification reads little-endian words whatever the host order. */
+static inline uint64_t
+read64le(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+static inline uint32_t
+read32le(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap32(v);
+#endif
+    return v;
+}
+
+static inline uint64_t
+xxh_round(uint64_t acc, uint64_t input)
+{
+    acc += input * P64_2;
+    acc = rotl64(acc, 31);
+    return acc * P64_1;
+}
+
+static inline uint64_t
+xxh_merge(uint64_t acc, uint64_t val)
+{
+    acc ^= xxh_round(0, val);
+    return acc * P64_1 + P64_4;
+}
+
+static uint64_t
+xxh64(const uint8_t *p, size_t len, uint64_t seed)
+{
+    const uint8_t *end = p + len;
+    uint64_t h;
+
+    if (len >= 32) {
+        const uint8_t *limit = end - 32;
+        uint64_t v1 = seed + P64_1 + P64_2;
+        uint64_t v2 = seed + P64_2;
+        uint64_t v3 = seed;
+        uint64_t v4 = seed - P64_1;
+        do {
+            v1 = xxh_round(v1, read64le(p));
+            v2 = xxh_round(v2, read64le(p + 8));
+            v3 = xxh_round(v3, read64le(p + 16));
+            v4 = xxh_round(v4, read64le(p + 24));
+            p += 32;
+        } while (p <= limit);
+        h = rotl64(v1, 1) + rotl64(v2, 7) + rotl64(v3, 12) + rotl64(v4, 18);
+        h = xxh_merge(h, v1);
+        h = xxh_merge(h, v2);
+        h = xxh_merge(h, v3);
+        h = xxh_merge(h, v4);
+    }
+    else {
+        h = seed + P64_5;
+    }
+    h += (uint64_t)len;
+    while (p + 8 <= end) {
+        h ^= xxh_round(0, read64le(p));
+        h = rotl64(h, 27) * P64_1 + P64_4;
+        p += 8;
+    }
+    if (p + 4 <= end) {
+        h ^= (uint64_t)read32le(p) * P64_1;
+        h = rotl64(h, 23) * P64_2 + P64_3;
+        p += 4;
+    }
+    while (p < end) {
+        h ^= (uint64_t)(*p) * P64_5;
+        h = rotl64(h, 11) * P64_1;
+        p++;
+    }
+    h ^= h >> 33;
+    h *= P64_2;
+    h ^= h >> 29;
+    h *= P64_3;
+    h ^= h >> 32;
+    return h;
+}
+
+/* ---- module state ---- */
+
+static PyObject *ReadContention;   /* walcache.errors.ReadContention */
+static PyObject *TableUnavailable; /* walcache.errors.TableUnavailable */
+static PyObject *encode_key_fn;    /* walcache.codec.encode_key (unusual key types) */
+static PyObject *unpackb_fn;       /* msgpack.unpackb */
+static PyObject *unpack_kwnames;   /* ("raw", "strict_map_key") */
+static PyObject *str_remap;        /* "_remap" */
+static PyObject *str_contended;    /* "_contended" */
+
+/* ---- the reader object ---- */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;        /* the data segment, exported read-only by the Python reader's mmap */
+    int attached;
+    const uint8_t *base;
+    const aword *Q;        /* the segment as words */
+    uint64_t seg_bytes;    /* header segment_bytes (<= view.len) */
+    uint64_t mask;         /* capacity - 1 */
+    uint64_t slot0;        /* word index of slot 0 */
+    uint64_t lo, span;     /* candidate record words: lo <= w < lo + span, so Q[w..w+3] exist */
+    uint64_t generation;
+    int no_seqlock;        /* test only: skip R5/R6, to prove the torture test catches tears */
+    unsigned long long retries;   /* failed validations */
+    unsigned long long remaps;    /* _remap calls */
+    unsigned long long contended; /* _contended calls */
+} Reader;
+
+static void
+reader_detach(Reader *r)
+{
+    if (r->attached) {
+        r->attached = 0;
+        r->base = NULL;
+        r->Q = NULL;
+        PyBuffer_Release(&r->view);
+    }
+}
+
+static PyObject *
+reader_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Reader *r = (Reader *)type->tp_alloc(type, 0);
+    if (r == NULL)
+        return NULL;
+    r->attached = 0;
+    return (PyObject *)r;
+}
+
+static void
+reader_dealloc(Reader *r)
+{
+    PyObject_GC_UnTrack(r);
+    reader_detach(r);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+static int
+reader_traverse(Reader *r, visitproc visit, void *arg)
+{
+    if (r->attached)
+        Py_VISIT(r->view.obj);
+    return 0;
+}
+
+static int
+reader_clear(Reader *r)
+{
+    reader_detach(r);
+    return 0;
+}
+
+static PyObject *
+table_error(const char *what, unsigned long long a, unsigned long long b)
+{
+    PyErr_Format(TableUnavailable,
+                 "the shared table's header is not one this reader can follow "
+                 "(%s: %llu, %llu); restart the daemon or upgrade walcache",
+                 what, a, b);
+    return NULL;
+}
+
+/* _attach(buffer): follow the data segment in ``buffer`` (its geometry is checked here
+ * once: header words 0..127 do not change after publication except stale/closed). */
+static PyObject *
+reader_attach(Reader *r, PyObject *buf)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const uint8_t *base = (const uint8_t *)view.buf;
+    uint64_t len = (uint64_t)view.len;
+    if (len < HEADER_SIZE || ((uintptr_t)base & 7) != 0) {
+        PyBuffer_Release(&view);
+        return table_error("mapping size, alignment", len, (uintptr_t)base & 7);
+    }
+    const aword *Q = (const aword *)base;
+    uint64_t w0 = load_relaxed(&Q[0]);
+    uint64_t version = load_relaxed(&Q[H_VERSION]);
+    uint64_t seg_bytes = load_relaxed(&Q[H_SEGMENT_BYTES]);
+    uint64_t capacity = load_relaxed(&Q[H_CAPACITY]);
+    uint64_t index_off = load_relaxed(&Q[H_INDEX_OFF]);
+    uint64_t data_off = load_relaxed(&Q[H_DATA_OFF]);
+    uint64_t generation = load_relaxed(&Q[H_GENERATION]);
+    if (memcmp(&w0, DATA_MAGIC, 8) != 0 || version != LAYOUT_VERSION) {
+        PyBuffer_Release(&view);
+        return table_error("magic or layout version", w0, version);
+    }
+    if (seg_bytes > len || seg_bytes > MAX_SEGMENT_BYTES || (seg_bytes & 7) != 0) {
+        PyBuffer_Release(&view);
+        return table_error("segment bytes, mapping size", seg_bytes, len);
+    }
+    if (capacity < MIN_CAPACITY || (capacity & (capacity - 1)) != 0 || capacity > seg_bytes / SLOT_SIZE) {
+        PyBuffer_Release(&view);
+        return table_error("capacity, segment bytes", capacity, seg_bytes);
+    }
+    if (index_off != HEADER_SIZE || data_off < index_off + capacity * SLOT_SIZE || (data_off & 7) != 0 ||
+        data_off / 8 + REC_HEADER_WORDS > seg_bytes / 8) {
+        PyBuffer_Release(&view);
+        return table_error("index offset, data offset", index_off, data_off);
+    }
+    reader_detach(r);
+    r->view = view;
+    r->attached = 1;
+    r->base = base;
+    r->Q = Q;
+    r->seg_bytes = seg_bytes;
+    r->mask = capacity - 1;
+    r->slot0 = index_off / 8;
+    r->lo = data_off / 8;
+    /* w + 4 <= segment_bytes / 8, i.e. the whole record header is inside the segment */
+    r->span = seg_bytes / 8 - REC_HEADER_WORDS + 1 - r->lo;
+    r->generation = generation;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+reader_detach_meth(Reader *r, PyObject *unused)
+{
+    reader_detach(r);
+    Py_RETURN_NONE;
+}
+
+/* ---- encoded keys ---- */
+
+#define KEY_STACK 256
+
+typedef struct {
+    uint8_t stack[KEY_STACK];
+    uint8_t *p;       /* the encoded key: tag byte + payload */
+    Py_ssize_t n;
+    uint8_t *heap;    /* PyMem buffer when the key does not fit the stack */
+} keybuf;
+
+static void
+keybuf_free(keybuf *k)
+{
+    if (k->heap != NULL) {
+        PyMem_Free(k->heap);
+        k->heap = NULL;
+    }
+}
+
+static int
+keybuf_set(keybuf *k, uint8_t tag, const char *payload, Py_ssize_t n)
+{
+    k->heap = NULL;
+    if (n + 1 <= KEY_STACK) {
+        k->p = k->stack;
+    }
+    else {
+        k->heap = PyMem_Malloc((size_t)n + 1);
+        if (k->heap == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        k->p = k->heap;
+    }
+    k->p[0] = tag;
+    memcpy(k->p + 1, payload, (size_t)n);
+    k->n = n + 1;
+    return 0;
+}
+
+/* The stored form of a user key, exactly walcache.codec.encode_key: the exact types
+ * inline, anything else (subclasses, bytearray, bool, which is refused) via the codec. */
+static int
+encode_user_key(PyObject *key, keybuf *k)
+{
+    if (PyUnicode_CheckExact(key)) {
+        Py_ssize_t n;
+        const char *s = PyUnicode_AsUTF8AndSize(key, &n);
+        if (s == NULL)
+            return -1;
+        return keybuf_set(k, 's', s, n);
+    }
+    if (PyBytes_CheckExact(key))
+        return keybuf_set(k, 'b', PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key));
+    if (PyLong_CheckExact(key)) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(key, &overflow);
+        if (!overflow) {
+            char digits[24];
+            char *e = digits + sizeof(digits);
+            char *d = e;
+            unsigned long long u = v < 0 ? 0ull - (unsigned long long)v : (unsigned long long)v;
+            do {
+                *--d = (char)('0' + u % 10);
+                u /= 10;
+            } while (u);
+            if (v < 0)
+                *--d = '-';
+            return keybuf_set(k, 'i', d, e - d);
+        }
+        PyObject *s = PyObject_Str(key);
+        if (s == NULL)
+            return -1;
+        Py_ssize_t n;
+        const char *u8 = PyUnicode_AsUTF8AndSize(s, &n);
+        int rc = u8 == NULL ? -1 : keybuf_set(k, 'i', u8, n);
+        Py_DECREF(s);
+        return rc;
+    }
+    PyObject *b = PyObject_CallOneArg(encode_key_fn, key);
+    if (b == NULL)
+        return -1;
+    if (!PyBytes_Check(b)) {
+        Py_DECREF(b);
+        PyErr_SetString(PyExc_TypeError, "walcache.codec.encode_key did not return bytes");
+        return -1;
+    }
+    int rc = keybuf_set(k, PyBytes_AS_STRING(b)[0], PyBytes_AS_STRING(b) + 1, PyBytes_GET_SIZE(b) - 1);
+    Py_DECREF(b);
+    return rc;
+}
+
+/* ---- the read protocol ---- */
+
+#define WANT_NOTHING 0 /* contains(): validate only */
+#define WANT_BYTES 1   /* get(): (vflag, bytes) */
+#define WANT_VALUE 2   /* lookup(): the decoded value */
+
+#define VALUE_STACK 512
+
+typedef struct {
+    int want;
+    uint8_t vflag;
+    uint64_t vlen;
+    uint64_t seqno;
+    uint64_t expiry_ms;
+    PyObject *bytes;          /* owned: the value copied straight into a bytes object */
+    uint8_t *buf;             /* str values: copied here, decoded after validation */
+    uint8_t *heap;
+    size_t heap_cap;
+    uint8_t stack[VALUE_STACK];
+} copy_out;
+
+static void
+copy_init(copy_out *o, int want)
+{
+    o->want = want;
+    o->bytes = NULL;
+    o->buf = NULL;
+    o->heap = NULL;
+    o->heap_cap = 0;
+}
+
+static void
+copy_free(copy_out *o)
+{
+    Py_CLEAR(o->bytes);
+    if (o->heap != NULL) {
+        PyMem_Free(o->heap);
+        o->heap = NULL;
+    }
+}
+
+/* Copy vlen value bytes from the mapping (inside the read section). Allocation sizes come
+ * from unvalidated lengths, but only after the bounds check against the segment. */
+static int
+copy_value(copy_out *o, const uint8_t *src, uint64_t vlen, uint8_t vflag)
+{
+    if (o->want == WANT_VALUE && vflag == 2) {
+        Py_CLEAR(o->bytes);
+        if (vlen <= VALUE_STACK) {
+            o->buf = o->stack;
+        }
+        else {
+            if (o->heap_cap < vlen) {
+                PyMem_Free(o->heap);
+                o->heap = PyMem_Malloc((size_t)vlen);
+                o->heap_cap = o->heap == NULL ? 0 : (size_t)vlen;
+                if (o->heap == NULL) {
+                    PyErr_NoMemory();
+                    return -1;
+                }
+            }
+            o->buf = o->heap;
+        }
+        memcpy(o->buf, src, (size_t)vlen);
+        return 0;
+    }
+    /* A retry usually copies the same size again: keep the bytes object when unshared. */
+    if (o->bytes == NULL || (uint64_t)PyBytes_GET_SIZE(o->bytes) != vlen || Py_REFCNT(o->bytes) != 1) {
+        Py_CLEAR(o->bytes);
+        o->bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)vlen);
+        if (o->bytes == NULL)
+            return -1;
+    }
+    memcpy(PyBytes_AS_STRING(o->bytes), src, (size_t)vlen);
+    return 0;
+}
+
+typedef struct {
+    unsigned tries;
+    uint64_t t0;
+} backoff_t;
+
+/* Called when a read section failed validation. Returns 0: retry now; 1: the bounds
+ * (RETRY_MIN_TRIES tries AND RETRY_MIN_NS) are both passed; ask Python what to do. */
+static int
+backoff(Reader *r, backoff_t *b)
+{
+    r->retries++;
+    if (b->tries++ == 0)
+        b->t0 = clock_ns(CLOCK_MONOTONIC);
+    if (b->tries >= RETRY_MIN_TRIES && clock_ns(CLOCK_MONOTONIC) - b->t0 >= RETRY_MIN_NS)
+        return 1;
+    /* A short spin covers a writer inside a 3-store section; after that the writer
+     * was probably descheduled mid-write (measured: over 1 ms): give up the core. */
+    if (b->tries < 16)
+        cpu_relax();
+    else
+        sched_yield();
+    return 0;
+}
+
+/* Ask the Python side to remap (hook "_remap()") or to judge a read that hit the retry
+ * bounds ("_contended(encoded_key)": remaps and returns true when the control segment
+ * names a newer table, else raises TableUnavailable for a dead writer or ReadContention).
+ * 0: start again on the (possibly new) mapping; -1: error set. */
+static int
+call_hook(Reader *r, PyObject *name, const uint8_t *kb, Py_ssize_t klen)
+{
+    PyObject *res;
+    if (name == str_contended) {
+        PyObject *key = PyBytes_FromStringAndSize((const char *)kb, klen);
+        if (key == NULL)
+            return -1;
+        res = PyObject_CallMethodOneArg((PyObject *)r, name, key);
+        Py_DECREF(key);
+    }
+    else {
+        res = PyObject_CallMethodNoArgs((PyObject *)r, name);
+    }
+    if (res == NULL)
+        return -1;
+    int truth = PyObject_IsTrue(res);
+    Py_DECREF(res);
+    if (truth < 0)
+        return -1;
+    if (name == str_contended && !truth) {
+        PyErr_SetString(ReadContention, "a shared-memory read kept racing the writer; ask the daemon");
+        return -1;
+    }
+    if (!r->attached) {
+        PyErr_SetString(TableUnavailable, "the reader was closed");
+        return -1;
+    }
+    return 0;
+}
+
+#define FOUND 1
+#define MISSING 0
+#define ERROR (-1)
+
+static int
+unknown_vflag(Reader *r, uint64_t xv)
+{
+    PyErr_Format(TableUnavailable, "the shared table holds an unknown value encoding %u: it is corrupt; "
+                 "restart the daemon to rebuild it", (unsigned)(xv & 0xFF));
+    return ERROR;
+}
+
+/* Remaps per get before giving up: each one follows a newer generation, so more than a
+ * handful means the control segment keeps naming segments that are already stale. */
+#define MAX_REMAPS 16
+
+/* R1..R7 for the encoded key kb (hash h). On FOUND, o holds the validated copy. */
+static int
+find(Reader *r, const uint8_t *kb, Py_ssize_t klen, uint64_t h, copy_out *o)
+{
+    backoff_t bo = {0, 0};
+    int remaps = 0;
+    if (UNLIKELY(!r->attached)) {
+        PyErr_SetString(TableUnavailable, "the reader was closed");
+        return ERROR;
+    }
+restart:;
+    const aword *Q = r->Q;
+    const uint8_t *base = r->base;
+    const uint64_t mask = r->mask, slot0 = r->slot0, lo = r->lo, span = r->span;
+    const uint64_t seg_bytes = r->seg_bytes;
+    const uint64_t f = h & FP_MASK;
+    uint64_t i = h & mask; /* R1 */
+    uint64_t probes = 0;
+    const int check = !r->no_seqlock;
+
+    while (probes <= mask) {
+        const aword *slot = &Q[slot0 + i];
+        uint64_t x = load_relaxed(slot); /* R2 */
+        uint64_t w = x - f;
+        if (LIKELY(w - lo < span)) {
+            const aword *rec = &Q[w];
+            uint64_t s1 = load_acquire(&rec[R_SEQ]); /* R3 */
+            if (UNLIKELY((s1 & 1) && check))
+                goto retry;
+            uint64_t m = load_relaxed(&rec[R_LENS]); /* R4 */
+            uint64_t xv = load_relaxed(&rec[R_EXPIRY_VFLAG]);
+            uint64_t seqno = load_relaxed(&rec[R_SEQNO]);
+            uint64_t rk = m >> 32, rv = m & LOC_MASK;
+            uint64_t kpos = 8 * w + REC_HEADER_SIZE;
+            int in_bounds = kpos + rk + rv <= seg_bytes; /* no overflow: each term < 2**36 */
+            int match = in_bounds && rk == (uint64_t)klen && memcmp(base + kpos, kb, (size_t)klen) == 0;
+            if (match && o->want != WANT_NOTHING) {
+                if (copy_value(o, base + kpos + rk, rv, (uint8_t)(xv & 0xFF)) < 0)
+                    return ERROR;
+            }
+            atomic_thread_fence(memory_order_acquire);
+            uint64_t s2 = load_relaxed(&rec[R_SEQ]); /* R5 */
+            if (UNLIKELY(s2 != s1 && check))
+                goto retry;
+            if (UNLIKELY(!in_bounds)) {
+                /* A stable record that overruns its segment: no race explains it. */
+                PyErr_Format(TableUnavailable,
+                             "the shared table is corrupt: record at byte %llu claims %llu key and "
+                             "%llu value bytes past the segment end; restart the daemon",
+                             (unsigned long long)(8 * w), (unsigned long long)rk, (unsigned long long)rv);
+                return ERROR;
+            }
+            if (!match) {
+                /* R6: a stale pointer into a chunk reused for another key would make
+                 * us skip past the real entry: the slot must still hold x. */
+                if (UNLIKELY(load_relaxed(slot) != x && check))
+                    goto retry;
+                i = (i + 1) & mask;
+                probes++;
+                continue;
+            }
+            /* R7: decide on the validated copy only (in the reference reader's order). */
+            uint64_t expiry = xv >> 8;
+            if (UNLIKELY((xv & 0xFF) > 2))
+                return unknown_vflag(r, xv);
+            if (expiry != 0 && expiry <= now_ms())
+                return MISSING;
+            o->vflag = (uint8_t)(xv & 0xFF);
+            o->vlen = rv;
+            o->seqno = seqno;
+            o->expiry_ms = expiry;
+            return FOUND;
+        }
+        if (x == SLOT_EMPTY)
+            return MISSING;
+        if (UNLIKELY(x == SLOT_MOVED)) {
+            if (++remaps > MAX_REMAPS) {
+                PyErr_SetString(TableUnavailable,
+                                "the shared table keeps moving: every segment the control segment "
+                                "names is already stale; check the daemon");
+                return ERROR;
+            }
+            r->remaps++;
+            if (call_hook(r, str_remap, kb, klen) < 0)
+                return ERROR;
+            bo.tries = 0;
+            goto restart;
+        }
+        i = (i + 1) & mask;
+        probes++;
+        continue;
+    retry:
+        if (backoff(r, &bo)) {
+            r->contended++;
+            if (call_hook(r, str_contended, kb, klen) < 0)
+                return ERROR;
+            bo.tries = 0;
+            if (++remaps > MAX_REMAPS) {
+                PyErr_SetString(TableUnavailable, "the shared table keeps being replaced; try again");
+                return ERROR;
+            }
+            goto restart;
+        }
+        /* retry from R2 at the same slot */
+    }
+    /* Every slot probed: a full index holds no EMPTY slot (the writer never lets that
+     * happen; a garbage segment may): the key is not there. */
+    return MISSING;
+}
+
+static PyObject *
+decode_value(copy_out *o)
+{
+    PyObject *v;
+    if (o->vflag == 1) {
+        v = o->bytes;
+        o->bytes = NULL;
+        return v;
+    }
+    if (o->vflag == 2) {
+        v = PyUnicode_DecodeUTF8((const char *)o->buf, (Py_ssize_t)o->vlen, NULL);
+    }
+    else {
+        PyObject *args[4] = {NULL, o->bytes, Py_False, Py_False};
+        v = PyObject_Vectorcall(unpackb_fn, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, unpack_kwnames);
+    }
+    if (v == NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
+        /* A validated copy that does not decode: only a corrupt table writes that. */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_Format(TableUnavailable,
+                     "the shared table holds an undecodable value (%s): it is corrupt; "
+                     "restart the daemon to rebuild it", ((PyTypeObject *)type)->tp_name);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+    }
+    return v;
+}
+
+static int
+check_encoded(PyObject *kb, const uint8_t **p, Py_ssize_t *n)
+{
+    if (!PyBytes_Check(kb)) {
+        PyErr_Format(PyExc_TypeError, "encoded key must be bytes, not %.100s", Py_TYPE(kb)->tp_name);
+        return -1;
+    }
+    *p = (const uint8_t *)PyBytes_AS_STRING(kb);
+    *n = PyBytes_GET_SIZE(kb);
+    return 0;
+}
+
+/* lookup(key, default=None): user key in, decoded value (or default) out. The client's
+ * get is this bound method: one C call for the common case. */
+static PyObject *
+reader_lookup(Reader *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (UNLIKELY(nargs < 1 || nargs > 2)) {
+        PyErr_Format(PyExc_TypeError, "lookup expected 1 or 2 arguments, got %zd", nargs);
+        return NULL;
+    }
+    PyObject *dflt = nargs == 2 ? args[1] : Py_None;
+    keybuf k;
+    if (encode_user_key(args[0], &k) < 0)
+        return NULL;
+    copy_out o;
+    copy_init(&o, WANT_VALUE);
+    int rc = find(r, k.p, k.n, xxh64(k.p, (size_t)k.n, 0), &o);
+    keybuf_free(&k);
+    PyObject *res;
+    if (rc == FOUND)
+        res = decode_value(&o);
+    else if (rc == MISSING)
+        res = Py_NewRef(dflt);
+    else
+        res = NULL;
+    copy_free(&o);
+    return res;
+}
+
+/* get(encoded_key) -> (vflag, bytes) | None */
+static PyObject *
+reader_get(Reader *r, PyObject *kb)
+{
+    const uint8_t *p;
+    Py_ssize_t n;
+    if (check_encoded(kb, &p, &n) < 0)
+        return NULL;
+    copy_out o;
+    copy_init(&o, WANT_BYTES);
+    int rc = find(r, p, n, xxh64(p, (size_t)n, 0), &o);
+    PyObject *res = NULL;
+    if (rc == FOUND) {
+        PyObject *vflag = PyLong_FromLong(o.vflag);
+        if (vflag != NULL) {
+            res = PyTuple_Pack(2, vflag, o.bytes);
+            Py_DECREF(vflag);
+        }
+    }
+    else if (rc == MISSING)
+        res = Py_NewRef(Py_None);
+    copy_free(&o);
+    return res;
+}
+
+/* _get_entry(encoded_key) -> (vflag, bytes, seqno, expiry_ms) | None (tests, tools) */
+static PyObject *
+reader_get_entry(Reader *r, PyObject *kb)
+{
+    const uint8_t *p;
+    Py_ssize_t n;
+    if (check_encoded(kb, &p, &n) < 0)
+        return NULL;
+    copy_out o;
+    copy_init(&o, WANT_BYTES);
+    int rc = find(r, p, n, xxh64(p, (size_t)n, 0), &o);
+    PyObject *res = NULL;
+    if (rc == FOUND)
+        res = Py_BuildValue("(iOKK)", (int)o.vflag, o.bytes, (unsigned long long)o.seqno,
+                            (unsigned long long)o.expiry_ms);
+    else if (rc == MISSING)
+        res = Py_NewRef(Py_None);
+    copy_free(&o);
+    return res;
+}
+
+static PyObject *
+reader_contains(Reader *r, PyObject *kb)
+{
+    const uint8_t *p;
+    Py_ssize_t n;
+    if (check_encoded(kb, &p, &n) < 0)
+        return NULL;
+    copy_out o;
+    copy_init(&o, WANT_NOTHING);
+    int rc = find(r, p, n, xxh64(p, (size_t)n, 0), &o);
+    copy_free(&o);
+    if (rc == ERROR)
+        return NULL;
+    return PyBool_FromLong(rc == FOUND);
+}
+
+/* get_many(keys) -> {key: value} for the keys found. Keys are taken in groups: hash
+ * them all and prefetch their slots, then prefetch the records those slots name, then
+ * run the full protocol per key, so the cache misses of a group overlap instead of
+ * being paid one after the other. The prefetch pass trusts nothing: it only warms the
+ * cache; every key still goes through R2..R7. */
+#define BATCH 32
+
+static PyObject *
+reader_get_many(Reader *r, PyObject *keys)
+{
+    /* A tuple: Python code run meanwhile (msgpack, a hook) cannot resize it under us. */
+    PyObject *seq = PySequence_Tuple(keys);
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t total = PyTuple_GET_SIZE(seq);
+    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
+    PyObject *out = PyDict_New();
+    keybuf k[BATCH];
+    uint64_t hs[BATCH];
+    int nk = 0;
+    if (out == NULL)
+        goto fail;
+    for (Py_ssize_t start = 0; start < total; start += BATCH) {
+        nk = (int)(total - start < BATCH ? total - start : BATCH);
+        for (int j = 0; j < nk; j++) {
+            if (encode_user_key(items[start + j], &k[j]) < 0) {
+                nk = j;
+                goto fail;
+            }
+            hs[j] = xxh64(k[j].p, (size_t)k[j].n, 0);
+        }
+        if (!r->attached) {
+            PyErr_SetString(TableUnavailable, "the reader was closed");
+            goto fail;
+        }
+        const aword *Q = r->Q;
+        const uint64_t mask = r->mask, slot0 = r->slot0, lo = r->lo, span = r->span;
+        for (int j = 0; j < nk; j++)
+            PREFETCH(&Q[slot0 + (hs[j] & mask)]);
+        for (int j = 0; j < nk; j++) {
+            uint64_t w = load_relaxed(&Q[slot0 + (hs[j] & mask)]) - (hs[j] & FP_MASK);
+            if (w - lo < span) {
+                PREFETCH(&Q[w]);
+                PREFETCH(&Q[w] + 8);
+            }
+        }
+        for (int j = 0; j < nk; j++) {
+            copy_out o;
+            copy_init(&o, WANT_VALUE);
+            int rc = find(r, k[j].p, k[j].n, hs[j], &o);
+            if (rc == FOUND) {
+                PyObject *v = decode_value(&o);
+                int bad = v == NULL || PyDict_SetItem(out, items[start + j], v) < 0;
+                Py_XDECREF(v);
+                if (bad)
+                    rc = ERROR;
+            }
+            copy_free(&o);
+            if (rc == ERROR)
+                goto fail;
+        }
+        for (int j = 0; j < nk; j++)
+            keybuf_free(&k[j]);
+        nk = 0;
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    for (int j = 0; j < nk; j++)
+        keybuf_free(&k[j]);
+    Py_XDECREF(out);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+/* _scan(start, count) -> (entries, next_slot, status): the entries (key, vflag, value,
+ * seqno, expiry_ms) of the live slots from start on, each copied under its seqlock and
+ * the slot re-checked (a freed chunk may be reused). Expired entries are included: the
+ * caller filters with its clock. status 0: done up to next_slot; 1: the table moved
+ * (MOVED slot or stale header), remap and rescan; 2: the slot next_slot hit the retry
+ * bounds, ask _contended. */
+#define SCAN_DONE 0
+#define SCAN_MOVED 1
+#define SCAN_CONTENDED 2
+
+static PyObject *
+reader_scan(Reader *r, PyObject *args)
+{
+    unsigned long long start, count;
+    if (!PyArg_ParseTuple(args, "KK", &start, &count))
+        return NULL;
+    if (!r->attached) {
+        PyErr_SetString(TableUnavailable, "the reader was closed");
+        return NULL;
+    }
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    const aword *Q = r->Q;
+    const uint8_t *base = r->base;
+    const uint64_t capacity = r->mask + 1, slot0 = r->slot0, lo = r->lo, span = r->span;
+    const uint64_t seg_bytes = r->seg_bytes;
+    uint64_t end = start + count > capacity || start + count < start ? capacity : start + count;
+    uint64_t i = start;
+    int status = SCAN_DONE;
+    for (; i < end && status == SCAN_DONE; i++) {
+        backoff_t bo = {0, 0};
+        for (;;) {
+            const aword *slot = &Q[slot0 + i];
+            uint64_t x = load_relaxed(slot);
+            if (x == SLOT_EMPTY || x == SLOT_TOMBSTONE)
+                break;
+            if (x == SLOT_MOVED || load_relaxed(&Q[H_STALE]) != 0) {
+                status = SCAN_MOVED;
+                break;
+            }
+            uint64_t w = x & LOC_MASK;
+            if (w - lo >= span) {
+                Py_DECREF(list);
+                PyErr_Format(TableUnavailable, "the shared table has a slot (%llu) pointing outside its data area",
+                             (unsigned long long)i);
+                return NULL;
+            }
+            const aword *rec = &Q[w];
+            uint64_t s1 = load_acquire(&rec[R_SEQ]);
+            uint64_t m = load_relaxed(&rec[R_LENS]);
+            uint64_t xv = load_relaxed(&rec[R_EXPIRY_VFLAG]);
+            uint64_t seqno = load_relaxed(&rec[R_SEQNO]);
+            uint64_t rk = m >> 32, rv = m & LOC_MASK;
+            uint64_t kpos = 8 * w + REC_HEADER_SIZE;
+            int in_bounds = kpos + rk + rv <= seg_bytes;
+            PyObject *key = NULL, *val = NULL;
+            if (in_bounds && !(s1 & 1)) {
+                key = PyBytes_FromStringAndSize((const char *)base + kpos, (Py_ssize_t)rk);
+                val = PyBytes_FromStringAndSize((const char *)base + kpos + rk, (Py_ssize_t)rv);
+                if (key == NULL || val == NULL) {
+                    Py_XDECREF(key);
+                    Py_XDECREF(val);
+                    Py_DECREF(list);
+                    return NULL;
+                }
+            }
+            atomic_thread_fence(memory_order_acquire);
+            uint64_t s2 = load_relaxed(&rec[R_SEQ]);
+            uint64_t x2 = load_relaxed(slot);
+            if ((s1 & 1) || s2 != s1 || x2 != x) {
+                Py_XDECREF(key);
+                Py_XDECREF(val);
+                if (backoff(r, &bo)) {
+                    status = SCAN_CONTENDED;
+                    break;
+                }
+                continue;
+            }
+            if (!in_bounds) {
+                Py_DECREF(list);
+                PyErr_Format(TableUnavailable, "the shared table holds a corrupt record at byte %llu",
+                             (unsigned long long)(8 * w));
+                return NULL;
+            }
+            PyObject *t = Py_BuildValue("(NiNKK)", key, (int)(xv & 0xFF), val, (unsigned long long)seqno,
+                                        (unsigned long long)(xv >> 8));
+            if (t == NULL || PyList_Append(list, t) < 0) {
+                Py_XDECREF(t);
+                Py_DECREF(list);
+                return NULL;
+            }
+            Py_DECREF(t);
+            break;
+        }
+    }
+    if (status != SCAN_DONE)
+        i--; /* the slot that stopped the scan */
+    return Py_BuildValue("(NKi)", list, (unsigned long long)i, status);
+}
+
+static PyObject *
+reader_xxh64(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "xxh64(data, seed=0)");
+        return NULL;
+    }
+    unsigned long long seed = 0;
+    if (nargs == 2) {
+        seed = PyLong_AsUnsignedLongLongMask(args[1]);
+        if (seed == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    uint64_t h = xxh64((const uint8_t *)view.buf, (size_t)view.len, seed);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+static PyObject *
+module_encode_key(PyObject *mod, PyObject *key)
+{
+    keybuf k;
+    if (encode_user_key(key, &k) < 0)
+        return NULL;
+    PyObject *res = PyBytes_FromStringAndSize((const char *)k.p, k.n);
+    keybuf_free(&k);
+    return res;
+}
+
+static PyMethodDef reader_methods[] = {
+    {"lookup", (PyCFunction)(void (*)(void))reader_lookup, METH_FASTCALL,
+     "lookup(key, default=None): the decoded value of a user key, or default"},
+    {"get", (PyCFunction)reader_get, METH_O, "get(encoded_key) -> (vflag, bytes) | None"},
+    {"contains", (PyCFunction)reader_contains, METH_O, "contains(encoded_key) -> bool"},
+    {"get_many", (PyCFunction)reader_get_many, METH_O,
+     "get_many(keys) -> {key: value} for the keys found (misses overlapped)"},
+    {"_get_entry", (PyCFunction)reader_get_entry, METH_O,
+     "_get_entry(encoded_key) -> (vflag, bytes, seqno, expiry_ms) | None"},
+    {"_attach", (PyCFunction)reader_attach, METH_O, "_attach(buffer): follow the data segment in buffer"},
+    {"_detach", (PyCFunction)reader_detach_meth, METH_NOARGS, "_detach(): release the buffer"},
+    {"_scan", (PyCFunction)reader_scan, METH_VARARGS,
+     "_scan(start, count) -> ([entries], next_slot, status 0 done / 1 moved / 2 contended)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *
+reader_get_attached(Reader *r, void *closure)
+{
+    return PyBool_FromLong(r->attached);
+}
+
+static PyObject *
+reader_get_u64(Reader *r, void *closure)
+{
+    if (!r->attached)
+        Py_RETURN_NONE;
+    switch ((intptr_t)closure) {
+    case 0:
+        return PyLong_FromUnsignedLongLong(r->mask + 1);
+    case 1:
+        return PyLong_FromUnsignedLongLong(r->seg_bytes);
+    default:
+        return PyLong_FromUnsignedLongLong(r->generation);
+    }
+}
+
+static PyGetSetDef reader_getset[] = {
+    {"_attached", (getter)reader_get_attached, NULL, "whether a segment is attached", NULL},
+    {"_capacity", (getter)reader_get_u64, NULL, "slots of the attached segment", (void *)0},
+    {"_segment_bytes", (getter)reader_get_u64, NULL, "bytes of the attached segment", (void *)1},
+    {"_generation", (getter)reader_get_u64, NULL, "generation of the attached segment", (void *)2},
+    {NULL},
+};
+
+static PyMemberDef reader_members[] = {
+    {"_no_seqlock", T_INT, offsetof(Reader, no_seqlock), 0,
+     "TEST ONLY: skip the seqlock validation (R5, R6) to prove torn reads are caught"},
+    {"retries", T_ULONGLONG, offsetof(Reader, retries), READONLY, "failed seqlock validations"},
+    {"remaps", T_ULONGLONG, offsetof(Reader, remaps), READONLY, "remaps asked of the Python side"},
+    {"contended", T_ULONGLONG, offsetof(Reader, contended), READONLY, "reads that hit the retry bounds"},
+    {NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "walcache.shm._creader.Reader",
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The compiled seqlock reader over one attached data segment; "
+              "subclassed by walcache.shm.creader.CReader, which supplies _remap and _contended.",
+    .tp_new = reader_new,
+    .tp_dealloc = (destructor)reader_dealloc,
+    .tp_traverse = (traverseproc)reader_traverse,
+    .tp_clear = (inquiry)reader_clear,
+    .tp_methods = reader_methods,
+    .tp_members = reader_members,
+    .tp_getset = reader_getset,
+};
+
+static PyMethodDef module_methods[] = {
+    {"xxh64", (PyCFunction)(void (*)(void))reader_xxh64, METH_FASTCALL,
+     "xxh64(data, seed=0) -> int: XXH64 as the reader computes it"},
+    {"encode_key", (PyCFunction)module_encode_key, METH_O,
+     "encode_key(key) -> bytes: the reader's key encoding (must equal walcache.codec.encode_key)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef creader_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "walcache.shm._creader",
+    .m_doc = "The compiled reader of walcache's shared table (see walcache.shm.layout).",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+static PyObject *
+import_attr(const char *module, const char *name)
+{
+    PyObject *m = PyImport_ImportModule(module);
+    if (m == NULL)
+        return NULL;
+    PyObject *a = PyObject_GetAttrString(m, name);
+    Py_DECREF(m);
+    return a;
+}
+
+PyMODINIT_FUNC
+PyInit__creader(void)
+{
+    if (PyType_Ready(&ReaderType) < 0)
+        return NULL;
+    if ((ReadContention = import_attr("walcache.errors", "ReadContention")) == NULL ||
+        (TableUnavailable = import_attr("walcache.errors", "TableUnavailable")) == NULL ||
+        (encode_key_fn = import_attr("walcache.codec", "encode_key")) == NULL ||
+        (unpackb_fn = import_attr("msgpack", "unpackb")) == NULL ||
+        (unpack_kwnames = Py_BuildValue("(ss)", "raw", "strict_map_key")) == NULL ||
+        (str_remap = PyUnicode_InternFromString("_remap")) == NULL ||
+        (str_contended = PyUnicode_InternFromString("_contended")) == NULL)
+        return NULL;
+    PyObject *m = PyModule_Create(&creader_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ReaderType);
+    if (PyModule_AddObject(m, "Reader", (PyObject *)&ReaderType) < 0 ||
+        PyModule_AddIntConstant(m, "LAYOUT_VERSION", LAYOUT_VERSION) < 0 ||
+        PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "SLOT_SIZE", SLOT_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "REC_HEADER_SIZE", REC_HEADER_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "MIN_CAPACITY", MIN_CAPACITY) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_KEY_BYTES", MAX_KEY_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "RETRY_MIN_TRIES", RETRY_MIN_TRIES) < 0 ||
+        PyModule_AddIntConstant(m, "RETRY_MIN_NS", RETRY_MIN_NS) < 0 ||
+        PyModule_AddObject(m, "MAX_SEGMENT_BYTES", PyLong_FromUnsignedLongLong(MAX_SEGMENT_BYTES)) < 0 ||
+        PyModule_AddObject(m, "TOMBSTONE", PyLong_FromUnsignedLongLong(SLOT_TOMBSTONE)) < 0 ||
+        PyModule_AddObject(m, "MOVED", PyLong_FromUnsignedLongLong(SLOT_MOVED)) < 0 ||
+        PyModule_AddObject(m, "FP_MASK", PyLong_FromUnsignedLongLong(FP_MASK)) < 0 ||
+        PyModule_AddObject(m, "DATA_MAGIC", PyBytes_FromStringAndSize(DATA_MAGIC, 8)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
