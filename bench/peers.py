@@ -196,6 +196,10 @@ class Peer(ABC):
     def versions(self) -> dict[str, str]:
         return {}
 
+    def runtime_info(self) -> dict[str, str]:
+        """Facts only a running instance can tell (asked once it is loaded)."""
+        return {}
+
     def start(self, workdir: Path, expected_keys: int = 0) -> None:
         """Start a fresh, empty instance in ``workdir`` (servers: spawn and wait ready).
 
@@ -289,6 +293,16 @@ class WalcachePeer(Peer):
 
         return {"walcache": str(getattr(walcache, "__version__", "?"))}
 
+    def runtime_info(self) -> dict[str, str]:
+        # The client reads shared memory only when its reader can run lock-free here;
+        # otherwise get() goes to the daemon. Which one ran belongs next to the numbers.
+        store = self.connect()
+        try:
+            stats: dict[str, Any] = getattr(store, "_c").stats()
+        finally:
+            store.close()
+        return {"walcache client reader": str(stats.get("reader", "?"))}
+
     def _spawn(self) -> None:
         assert self.workdir is not None and self.socket_path is not None
         self.server = ServerProcess(
@@ -356,9 +370,9 @@ class WalcachePeer(Peer):
             self._unlink_leftover_shm()
 
     def _unlink_leftover_shm(self) -> None:
-        # The daemon owns its segments and should unlink them on SIGTERM; after a
-        # SIGKILL in the restart test they may remain. We started this daemon, so we
-        # clean up what its data dir's namespace left behind and say so.
+        # The daemon leaves its published table in place when it stops, on purpose:
+        # readers keep serving the last state while it is down. The runner deletes the
+        # data dir after each peer, so it also unlinks that data dir's segments.
         assert self.workdir is not None
         try:
             from walcache.paths import shm_namespace
@@ -368,16 +382,13 @@ class WalcachePeer(Peer):
         shm_dir = Path("/dev/shm")
         if not shm_dir.is_dir():
             return
-        left = [p for p in shm_dir.iterdir() if p.name.startswith(prefix)]
-        for p in left:
-            try:
-                p.unlink()
-            except OSError:
-                pass
-        if left:
-            note = f"{self.id}: daemon left {len(left)} shared-memory segment(s) after SIGTERM; unlinked by the runner"
-            log.warning(note)
-            self.notes.append(note)
+        for p in shm_dir.iterdir():
+            if p.name.startswith(prefix):
+                try:
+                    p.unlink()
+                    log.debug("unlinked shared memory %s", p.name)
+                except OSError as exc:
+                    self.notes.append(f"{self.id}: could not unlink shared memory {p.name}: {exc}")
 
 
 # --------------------------------------------------------------------------- Redis

@@ -254,6 +254,7 @@ def percentiles(samples: "array[int] | Sequence[int]") -> dict[str, float]:
 _RINGS: dict[str, ycsb.OpRing] = {}
 _RING_KEYS: dict[str, list[bytes]] = {}
 CLIENT_PIDS: list[int] = []
+RUNTIME_INFO: dict[str, str] = {}
 
 
 def value_pool(value_size: int, seed: int) -> list[bytes]:
@@ -571,6 +572,10 @@ def bench_peer(peer: Peer, params: Params, state: RunState, results: list[dict[s
                 f"  {peer.id}: {value_size} B values, loaded {params.record_count:,} keys in {load_s:.2f} s",
                 file=sys.stderr,
             )
+            try:
+                RUNTIME_INFO.update(peer.runtime_info())
+            except Exception as exc:  # noqa: BLE001 - informational only
+                RUNTIME_INFO[f"{peer.id} runtime info"] = f"unavailable: {exc}"
             for nclients in params.clients:
                 bench_clients(peer, params, state, results, run_tag, value_size, nclients, load_s)
         finally:
@@ -748,6 +753,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"{'/'.join(map(str, p['clients']))} client processes, {p['duration_s']} s per cell; "
         f"restart test with {p['restart_keys']:,} keys."
     )
+    lines.append("Versions: " + "; ".join(f"{k} {_cell(v)}" for k, v in doc["versions"].items()) + ".")
     lines.append("")
     for note in doc["notes"]:
         lines.append(f"- {note}")
@@ -1017,7 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": now.isoformat(timespec="seconds"),
         "command": " ".join(["python", "bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {**machine, "loadavg_at_end": list(os.getloadavg())},
-        "versions": versions,
+        "versions": {**versions, **RUNTIME_INFO},
         "parameters": {
             "quick": params.quick,
             "record_count": params.record_count,
