@@ -1,0 +1,730 @@
+"""The writer side of the shared table (the daemon's apply thread only).
+
+Follows the layout and the numbered seqlock steps in :mod:`walcache.shm.layout`.
+
+Memory reuse. The data area is carved into chunks of exactly ``chunk_words(klen, vlen)``
+words. Freed chunks go on a free list per chunk size, kept in this process's memory,
+and are reused only for a record of the same size, so chunk boundaries never move
+within a segment and the word at a chunk's start is always that chunk's seqlock word
+(a reader following a stale pointer lands on a real seq, never on value bytes that
+could imitate a record). An overwrite of the same size is done in place under the
+record's seq; other sizes write a new chunk, flip the slot, then free the old one.
+Rewriting the same keys with values of the same size therefore never grows anything.
+When the bump area is exhausted and no chunk of the needed size is free, the writer
+rebuilds: a new segment, compacted (live entries copied back to back, tombstones and
+expired entries dropped), the same size if the live data then fills at most half of
+it, else doubled. The index is rebuilt the same way when live + tombstone slots would
+pass MAX_LOAD of the capacity (doubling while live keys exceed MIN_LOAD of it). A
+rebuild pauses this thread for O(live entries) (about 1-2 us each) but never blocks a
+reader: readers keep the old, frozen mapping until they meet MOVED, then remap.
+
+Why not memcached-style geometric size classes: exact sizes waste at most 7 bytes per
+entry (target: <= 64 bytes of overhead per entry) and the compaction above already
+handles workloads whose sizes drift; classes would only trade that for internal waste.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+from collections.abc import Iterator
+
+import posix_ipc
+import psutil
+
+from ..errors import CacheFull, KeyTooLarge, TableUnavailable, ValueTooLarge
+from .layout import (
+    CTL_MAGIC,
+    CTL_SIZE,
+    CTL_STRUCT,
+    C_GENERATION,
+    C_SEQ,
+    DATA_MAGIC,
+    EMPTY,
+    FP_MASK,
+    H_APPLIED_SEQNO,
+    H_CLOSED,
+    H_GENERATION,
+    H_HEARTBEAT,
+    H_LIVE,
+    H_STALE,
+    H_TOMBSTONES,
+    H_USED_BYTES,
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    LAYOUT_VERSION,
+    LOC_MASK,
+    MAX_KEY_BYTES,
+    MAX_NAME_BYTES,
+    MAX_SEGMENT_BYTES,
+    MAX_VALUE_BYTES,
+    MIN_CAPACITY,
+    MOVED,
+    R_EXPIRY_VFLAG,
+    R_LENS,
+    R_SEQNO,
+    REC_HEADER_SIZE,
+    SLOT_SIZE,
+    TOMBSTONE,
+    chunk_words,
+    ctl_name,
+    data_name,
+    footprint,
+    hash_key,
+    now_ms,
+)
+
+__all__ = ["ShmTable", "MAX_LOAD", "MIN_LOAD"]
+
+log = logging.getLogger("walcache.shm")
+
+# Rebuild the index when live + tombstone slots would exceed MAX_LOAD of it; size the
+# new one so live keys fill at most MIN_LOAD. With 8-byte slots the index costs 13-27
+# bytes per key, and a miss probes ~3.6 slots on average at the worst load.
+MAX_LOAD = 0.6
+MIN_LOAD = 0.3
+_PAGE = 4096
+
+
+def _round_up(n: int, k: int) -> int:
+    return (n + k - 1) // k * k
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 1).bit_length()
+
+
+class _Segment:
+    """One data segment mapped read-write, plus the writer's private allocation state."""
+
+    def __init__(self, name: str, mm: mmap.mmap, capacity: int, data_off: int) -> None:
+        self.name = name
+        self.mm = mm
+        self.size = len(mm)
+        self.capacity = capacity
+        self.mask = capacity - 1
+        self.q = memoryview(mm).cast("Q")
+        self.slots = self.q[HEADER_SIZE // 8 : HEADER_SIZE // 8 + capacity]
+        self.lo = data_off // 8
+        self.top = self.lo  # bump pointer (word index)
+        self.end_words = self.size // 8
+        self.free: dict[int, list[int]] = {}
+        self.free_words = 0
+
+    @property
+    def data_words(self) -> int:
+        return self.end_words - self.lo
+
+    def alloc(self, nw: int) -> int:
+        """Word index of a free chunk of ``nw`` words, or 0 when the segment is full."""
+        lst = self.free.get(nw)
+        if lst:
+            self.free_words -= nw
+            return lst.pop()
+        w = self.top
+        if w + nw > self.end_words:
+            return 0
+        self.top = w + nw
+        return w
+
+    def release(self, w: int, nw: int) -> None:
+        self.free.setdefault(nw, []).append(w)
+        self.free_words += nw
+
+    def close(self) -> None:
+        self.slots.release()
+        self.q.release()
+        self.mm.close()
+
+
+class ShmTable:
+    """The daemon's read-write view of the shared table; see the module docstring."""
+
+    def __init__(self, namespace: str, *, max_memory: int | None, mode: int, gid: int | None) -> None:
+        # Use ShmTable.create(); this only sets the fields.
+        self.namespace = namespace
+        self.max_memory = max_memory
+        self._mode = mode
+        self._gid = gid
+        self._incarnation = secrets.randbits(64)
+        self._n = 0
+        self._pid = os.getpid()
+        self._start_ms = int(psutil.Process(self._pid).create_time() * 1000)
+        self._seg: _Segment | None = None
+        self._ctl: mmap.mmap | None = None
+        self._ctlq: memoryview | None = None
+        self._published = False
+        self._generation = 0
+        self._live = 0
+        self._tombstones = 0
+        self._live_words = 0  # data words of live chunks
+        self._applied = 0
+        self._purge_cursor = 0
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        namespace: str,
+        *,
+        capacity: int = 1024,
+        data_bytes: int = 1 << 20,
+        max_memory: int | None = None,
+        mode: int | None = None,
+        gid: int | None = None,
+    ) -> ShmTable:
+        """A fresh, unpublished table (a new incarnation): call publish() to make it current.
+
+        ``capacity`` is the number of keys expected (the index is sized for it);
+        ``mode`` defaults to 0o600, or 0o640 when ``gid`` names the readers' group.
+        """
+        if mode is None:
+            mode = 0o640 if gid is not None else 0o600
+        if len(data_name(namespace, 0, 1 << 30)) > MAX_NAME_BYTES:
+            raise ValueError(f"namespace {namespace!r} is too long for a shared-memory name")
+        table = cls(namespace, max_memory=max_memory, mode=mode, gid=gid)
+        slots = max(MIN_CAPACITY, _pow2_at_least(int(capacity / MAX_LOAD) + 1))
+        table._seg = table._new_segment(slots, max(data_bytes, _PAGE))
+        return table
+
+    def _new_segment(self, capacity: int, data_bytes: int) -> _Segment:
+        self._n += 1
+        name = data_name(self.namespace, self._incarnation, self._n)
+        data_off = _round_up(HEADER_SIZE + capacity * SLOT_SIZE, 64)
+        size = _round_up(data_off + data_bytes, _PAGE)
+        if size > MAX_SEGMENT_BYTES:
+            raise CacheFull(
+                f"the shared table would need a {size}-byte segment, over the "
+                f"{MAX_SEGMENT_BYTES}-byte limit of the layout; lower --max-memory"
+            )
+        mm = self._create_shm(name, size)
+        HEADER_STRUCT.pack_into(
+            mm, 0, DATA_MAGIC, LAYOUT_VERSION, 0, self._incarnation, size, capacity,
+            HEADER_SIZE, data_off, self._pid, self._start_ms, 0, 0,
+            now_ms(), 0, 0, 0, self._applied,
+        )  # fmt: skip
+        log.debug("created shm segment %s: %d bytes, %d slots", name, size, capacity)
+        return _Segment(name, mm, capacity, data_off)
+
+    def _create_shm(self, name: str, size: int) -> mmap.mmap:
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=self._mode)
+        try:
+            # shm_open applies the umask: set the mode we were asked for exactly.
+            os.fchmod(shm.fd, self._mode)
+            if self._gid is not None:
+                os.fchown(shm.fd, -1, self._gid)
+            os.ftruncate(shm.fd, size)
+            # Commit the pages now: a full /dev/shm then fails here with ENOSPC instead
+            # of killing the writer or a reader with SIGBUS on first touch.
+            os.posix_fallocate(shm.fd, 0, size)
+            return mmap.mmap(shm.fd, size)
+        except OSError as exc:
+            shm.unlink()
+            raise CacheFull(
+                f"cannot reserve {size} bytes of shared memory for {name} ({exc.strerror}): "
+                "/dev/shm is full or limited; free space there or lower --max-memory"
+            ) from exc
+        except BaseException:
+            shm.unlink()
+            raise
+        finally:
+            shm.close_fd()
+
+    # -- the Table protocol (walcache.daemon.apply) -------------------------------------
+
+    def put(self, key: bytes, vflag: int, value: bytes, seqno: int, expiry_ms: int) -> None:
+        """Insert or overwrite ``key``; grows the table as needed (never blocks readers)."""
+        klen = len(key)
+        vlen = len(value)
+        if not 0 < klen <= MAX_KEY_BYTES:
+            raise KeyTooLarge(f"encoded key of {klen} bytes: the shared table takes 1..{MAX_KEY_BYTES}")
+        if vlen > MAX_VALUE_BYTES:
+            raise ValueTooLarge(f"value of {vlen} bytes: the shared table takes at most {MAX_VALUE_BYTES}")
+        if not 0 <= vflag <= 255 or expiry_ms < 0 or expiry_ms >= 1 << 56:
+            raise ValueError(f"bad vflag {vflag} or expiry {expiry_ms}")
+        nw = chunk_words(klen, vlen)
+        h = hash_key(key)
+        seg = self._seg
+        assert seg is not None, "table is closed"
+        i, w = self._probe(seg, key, h)
+        if w:
+            old_nw = chunk_words(klen, seg.q[w + R_LENS] & LOC_MASK)
+            if old_nw == nw:
+                self._write_in_place(seg, w, vflag, value, klen, seqno, expiry_ms)
+                self._account(seqno)
+                return
+            c = seg.alloc(nw)
+            if not c:
+                self._rebuild(extra_words=nw)
+                return self.put(key, vflag, value, seqno, expiry_ms)
+            self._write_new(seg, c, i, h, key, vflag, value, seqno, expiry_ms)
+            seg.release(w, old_nw)
+            self._live_words += nw - old_nw
+        else:
+            if seg.slots[i] == EMPTY and self._live + self._tombstones + 1 > seg.capacity * MAX_LOAD:
+                self._rebuild(extra_words=nw)
+                return self.put(key, vflag, value, seqno, expiry_ms)
+            c = seg.alloc(nw)
+            if not c:
+                self._rebuild(extra_words=nw)
+                return self.put(key, vflag, value, seqno, expiry_ms)
+            if seg.slots[i] == TOMBSTONE:
+                self._tombstones -= 1
+            self._write_new(seg, c, i, h, key, vflag, value, seqno, expiry_ms)
+            self._live += 1
+            self._live_words += nw
+        self._account(seqno)
+
+    def delete(self, key: bytes, seqno: int) -> bool:
+        """Remove ``key``; True if it was there and not expired."""
+        seg = self._seg
+        assert seg is not None, "table is closed"
+        i, w = self._probe(seg, key, hash_key(key))
+        existed = False
+        if w:
+            q = seg.q
+            xv = q[w + R_EXPIRY_VFLAG]
+            existed = not (xv >> 8 and xv >> 8 <= now_ms())
+            self._remove(seg, i, w)
+        self._account(seqno)
+        return existed
+
+    # -- writer-side reads ----------------------------------------------------------------
+
+    def lookup(self, key: bytes) -> tuple[int, bytes, int, int] | None:
+        """(vflag, value, seqno, expiry_ms) of ``key``, None if missing or expired."""
+        seg = self._seg
+        assert seg is not None, "table is closed"
+        _, w = self._probe(seg, key, hash_key(key))
+        if not w:
+            return None
+        entry = self._entry(seg, w)
+        if entry[4] and entry[4] <= now_ms():
+            return None
+        return entry[1], entry[2], entry[3], entry[4]
+
+    def items(self) -> Iterator[tuple[bytes, int, bytes, int, int]]:
+        """(key, vflag, value, seqno, expiry_ms) of every live, unexpired entry."""
+        seg = self._seg
+        assert seg is not None, "table is closed"
+        now = now_ms()
+        for x in seg.slots.tolist():
+            if x == EMPTY or x == TOMBSTONE:
+                continue
+            entry = self._entry(seg, x & LOC_MASK)
+            if not entry[4] or entry[4] > now:
+                yield entry
+
+    def __len__(self) -> int:
+        return self._live
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and self.lookup(key) is not None
+
+    # -- accounting -------------------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        """Sum of footprint() over the live entries (what --max-memory limits)."""
+        return (self._live_words << 3) + self._live * SLOT_SIZE
+
+    def footprint(self, klen: int, vlen: int) -> int:
+        """Bytes one entry of that size takes: its chunk plus one index slot."""
+        return footprint(klen, vlen)
+
+    def fits(self, key: bytes, vlen: int) -> bool:
+        """Whether putting ``key`` with a ``vlen``-byte value keeps used_bytes <= max_memory.
+
+        The daemon asks before logging a put, so that the table never has to refuse a
+        put the log already holds (replay must always succeed).
+        """
+        if self.max_memory is None:
+            return True
+        seg = self._seg
+        assert seg is not None, "table is closed"
+        _, w = self._probe(seg, key, hash_key(key))
+        old = footprint(len(key), seg.q[w + R_LENS] & LOC_MASK) if w else 0
+        return self.used_bytes - old + footprint(len(key), vlen) <= self.max_memory
+
+    def purge_expired(self, max_slots: int = 4096) -> int:
+        """Free up to ``max_slots`` slots' worth of expired entries; returns how many.
+
+        Expired entries already read as missing; this returns their memory. It scans
+        incrementally from where the last call stopped, so the daemon can call it with
+        the heartbeat. Nothing is logged: an expired put can never come back (replay
+        drops it too).
+        """
+        seg = self._seg
+        assert seg is not None, "table is closed"
+        now = now_ms()
+        purged = 0
+        i = self._purge_cursor % seg.capacity
+        for _ in range(min(max_slots, seg.capacity)):
+            x = seg.slots[i]
+            if x != EMPTY and x != TOMBSTONE:
+                w = x & LOC_MASK
+                xv = seg.q[w + R_EXPIRY_VFLAG]
+                if xv >> 8 and xv >> 8 <= now:
+                    self._remove(seg, i, w)
+                    purged += 1
+            i = (i + 1) & seg.mask
+        self._purge_cursor = i
+        if purged:
+            self._store_counts(seg)
+        return purged
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        assert self._seg is not None, "table is closed"
+        return self._seg.name
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def publish(self) -> None:
+        """Make this table the current one for its namespace.
+
+        Creates the control segment if needed, points it at this table's segment, then
+        retires the segment it named before (a previous daemon's or our own): stale
+        flag, MOVED in every slot, unlink. Readers move over on their next get.
+        """
+        seg = self._seg
+        assert seg is not None, "table is closed"
+        ctlq = self._open_ctl()
+        previous = self._ctl_current_name()
+        self._point_ctl_at(seg)
+        self._published = True
+        if previous and previous != seg.name:
+            self._retire_by_name(previous)
+        log.info(
+            "published shm table %s (generation %d, %d keys, %d slots, %d bytes)",
+            seg.name, ctlq[C_GENERATION], self._live, seg.capacity, seg.size,
+        )  # fmt: skip
+
+    def heartbeat(self) -> None:
+        assert self._seg is not None, "table is closed"
+        self._seg.q[H_HEARTBEAT] = now_ms()
+
+    def mark_closed(self) -> None:
+        """Say in the header that the writer stopped cleanly; readers keep reading."""
+        assert self._seg is not None, "table is closed"
+        self._seg.q[H_HEARTBEAT] = now_ms()
+        self._seg.q[H_CLOSED] = 1
+
+    def stats(self) -> dict[str, int | str]:
+        seg = self._seg
+        assert seg is not None, "table is closed"
+        return {
+            "name": seg.name,
+            "generation": self._generation,
+            "capacity": seg.capacity,
+            "live": self._live,
+            "tombstones": self._tombstones,
+            "segment_bytes": seg.size,
+            "data_bytes": seg.data_words << 3,
+            "used_bytes": self.used_bytes,
+            "free_list_bytes": seg.free_words << 3,
+            "unallocated_bytes": (seg.end_words - seg.top) << 3,
+            "applied_seqno": self._applied,
+        }
+
+    def close(self, unlink: bool = False) -> None:
+        """Unmap. ``unlink=True`` also removes the segment's name, and the control
+        segment's if it names this table (tests and `walcache` cleanup use it)."""
+        seg = self._seg
+        if seg is None:
+            return
+        self._seg = None
+        if unlink:
+            if self._ctl is not None and self._ctl_current_name() == seg.name:
+                _unlink(ctl_name(self.namespace))
+            _unlink(seg.name)
+        seg.close()
+        if self._ctlq is not None:
+            self._ctlq.release()
+            self._ctlq = None
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+
+    def __enter__(self) -> ShmTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _probe(self, seg: _Segment, key: bytes, h: int) -> tuple[int, int]:
+        """(slot, record word) of ``key``, or (slot to insert at, 0) when it is absent."""
+        slots = seg.slots
+        q = seg.q
+        mm = seg.mm
+        mask = seg.mask
+        f = h & FP_MASK
+        klen = len(key)
+        i = h & mask
+        first_free = -1
+        for _ in range(seg.capacity):
+            x = slots[i]
+            if x == EMPTY:
+                return (i if first_free < 0 else first_free), 0
+            if x == TOMBSTONE:
+                if first_free < 0:
+                    first_free = i
+            elif x & FP_MASK == f:
+                w = x & LOC_MASK
+                if q[w + R_LENS] >> 32 == klen and mm[8 * w + REC_HEADER_SIZE : 8 * w + REC_HEADER_SIZE + klen] == key:
+                    return i, w
+            i = (i + 1) & mask
+        # The load bound keeps EMPTY slots; only tombstones can fill a probe cycle.
+        assert first_free >= 0, "index has neither an empty slot nor a tombstone"
+        return first_free, 0
+
+    def _write_in_place(
+        self, seg: _Segment, w: int, vflag: int, value: bytes, klen: int, seqno: int, expiry_ms: int
+    ) -> None:
+        q = seg.q
+        s = q[w]
+        q[w] = s + 1  # W1
+        q[w + R_LENS] = klen << 32 | len(value)  # W2
+        q[w + R_EXPIRY_VFLAG] = expiry_ms << 8 | vflag
+        q[w + R_SEQNO] = seqno
+        a = 8 * w + REC_HEADER_SIZE + klen
+        seg.mm[a : a + len(value)] = value
+        q[w] = s + 2  # W3
+
+    def _write_new(
+        self, seg: _Segment, c: int, i: int, h: int, key: bytes, vflag: int, value: bytes, seqno: int, expiry_ms: int
+    ) -> None:
+        q = seg.q
+        s = q[c]
+        q[c] = s + 1  # W1
+        q[c + R_LENS] = len(key) << 32 | len(value)  # W2
+        q[c + R_EXPIRY_VFLAG] = expiry_ms << 8 | vflag
+        q[c + R_SEQNO] = seqno
+        a = 8 * c + REC_HEADER_SIZE
+        seg.mm[a : a + len(key) + len(value)] = key + value
+        seg.slots[i] = (h & FP_MASK) | c  # W3: published while c is still odd
+        q[c] = s + 2  # W4
+
+    def _remove(self, seg: _Segment, i: int, w: int) -> None:
+        nw = chunk_words(seg.q[w + R_LENS] >> 32, seg.q[w + R_LENS] & LOC_MASK)
+        seg.slots[i] = TOMBSTONE
+        seg.release(w, nw)
+        self._live -= 1
+        self._tombstones += 1
+        self._live_words -= nw
+
+    def _account(self, seqno: int) -> None:
+        if seqno > self._applied:
+            self._applied = seqno
+        seg = self._seg
+        assert seg is not None
+        self._store_counts(seg)
+
+    def _store_counts(self, seg: _Segment) -> None:
+        q = seg.q
+        q[H_LIVE] = self._live
+        q[H_TOMBSTONES] = self._tombstones
+        q[H_USED_BYTES] = self.used_bytes
+        q[H_APPLIED_SEQNO] = self._applied
+
+    def _entry(self, seg: _Segment, w: int) -> tuple[bytes, int, bytes, int, int]:
+        q = seg.q
+        lens = q[w + R_LENS]
+        xv = q[w + R_EXPIRY_VFLAG]
+        a = 8 * w + REC_HEADER_SIZE
+        b = a + (lens >> 32)
+        return seg.mm[a:b], xv & 0xFF, seg.mm[b : b + (lens & LOC_MASK)], q[w + R_SEQNO], xv >> 8
+
+    def _rebuild(self, extra_words: int) -> None:
+        """Copy the live entries into a new segment (compacted, maybe larger); retire the old."""
+        old = self._seg
+        assert old is not None
+        capacity = old.capacity
+        while self._live + 1 > capacity * MIN_LOAD:
+            capacity *= 2
+        data_words = old.data_words
+        while (self._live_words + extra_words) * 2 > data_words:
+            data_words *= 2
+        new = self._new_segment(capacity, data_words << 3)
+        try:
+            self._copy_live(old, new)
+        except BaseException:
+            new.close()
+            _unlink(new.name)
+            raise
+        log.info(
+            "rebuilt shm table: %d -> %d slots, %d -> %d data bytes, %d live keys (%s -> %s)",
+            old.capacity, new.capacity, old.data_words << 3, new.data_words << 3,
+            self._live, old.name, new.name,
+        )  # fmt: skip
+        self._seg = new
+        if self._published:
+            self._point_ctl_at(new)
+            self._retire(old)
+        else:
+            _unlink(old.name)
+        old.close()
+
+    def _copy_live(self, old: _Segment, new: _Segment) -> None:
+        # The new segment is not mapped by anyone yet: plain bulk copies, no seqlock.
+        oq, om, nq, nm = old.q, old.mm, new.q, new.mm
+        nslots, nmask = new.slots, new.mask
+        now = now_ms()
+        live = live_words = 0
+        top = new.top
+        for x in old.slots.tolist():
+            if x == EMPTY or x == TOMBSTONE:
+                continue
+            w = x & LOC_MASK
+            lens = oq[w + R_LENS]
+            xv = oq[w + R_EXPIRY_VFLAG]
+            if xv >> 8 and xv >> 8 <= now:
+                continue
+            klen = lens >> 32
+            nw = chunk_words(klen, lens & LOC_MASK)
+            nm[8 * top : 8 * (top + nw)] = om[8 * w : 8 * (w + nw)]
+            nq[top] = 0
+            k = 8 * w + REC_HEADER_SIZE
+            i = hash_key(om[k : k + klen]) & nmask
+            while nslots[i] != EMPTY:
+                i = (i + 1) & nmask
+            nslots[i] = (x & FP_MASK) | top
+            top += nw
+            live += 1
+            live_words += nw
+        new.top = top
+        self._live, self._tombstones, self._live_words = live, 0, live_words
+        self._store_counts(new)
+
+    def _retire(self, seg: _Segment) -> None:
+        """After the control segment names a newer segment: make ``seg``'s readers move."""
+        _mark_moved(seg.q, seg.slots)
+        _unlink(seg.name)
+
+    def _retire_by_name(self, name: str) -> None:
+        try:
+            shm = posix_ipc.SharedMemory(name)
+        except posix_ipc.ExistentialError:
+            return
+        try:
+            if shm.size < HEADER_SIZE:
+                return
+            mm = mmap.mmap(shm.fd, shm.size)
+        finally:
+            shm.close_fd()
+            shm.unlink()
+        try:
+            hdr = HEADER_STRUCT.unpack_from(mm, 0)
+            capacity, index_off = hdr[5], hdr[6]
+            if (
+                hdr[0] == DATA_MAGIC
+                and hdr[1] == LAYOUT_VERSION
+                and hdr[4] == len(mm)
+                and capacity >= MIN_CAPACITY
+                and capacity & (capacity - 1) == 0
+                and index_off == HEADER_SIZE
+                and index_off + capacity * SLOT_SIZE <= len(mm)
+            ):
+                q = memoryview(mm).cast("Q")
+                slots = q[index_off // 8 : index_off // 8 + capacity]
+                _mark_moved(q, slots)
+                slots.release()
+                q.release()
+            else:
+                log.warning("previous shm segment %s has an unknown layout: unlinked without marking it", name)
+        finally:
+            mm.close()
+        log.info("retired previous shm segment %s", name)
+
+    # -- control segment ----------------------------------------------------------------------
+
+    def _open_ctl(self) -> memoryview:
+        if self._ctlq is not None:
+            return self._ctlq
+        name = ctl_name(self.namespace)
+        try:
+            shm = posix_ipc.SharedMemory(name)
+        except posix_ipc.ExistentialError:
+            shm = None
+        if shm is not None:
+            ok = shm.size == CTL_SIZE
+            if ok:
+                mm = mmap.mmap(shm.fd, CTL_SIZE)
+                magic, version = CTL_STRUCT.unpack_from(mm, 0)[:2]
+                ok = magic == CTL_MAGIC and version == LAYOUT_VERSION
+                if not ok:
+                    mm.close()
+            shm.close_fd()
+            if not ok:
+                # Never truncate or rewrite a segment of another layout in place: old
+                # readers may map it. Unlink it; they keep their mapping.
+                log.warning("control segment %s has another size or layout: replacing it", name)
+                shm.unlink()
+                shm = None
+        if shm is None:
+            mm = self._create_ctl(name)
+        self._ctl = mm
+        self._ctlq = memoryview(mm).cast("Q")
+        return self._ctlq
+
+    def _create_ctl(self, name: str) -> mmap.mmap:
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=self._mode)
+        try:
+            os.fchmod(shm.fd, self._mode)
+            if self._gid is not None:
+                os.fchown(shm.fd, -1, self._gid)
+            os.ftruncate(shm.fd, CTL_SIZE)
+            os.posix_fallocate(shm.fd, 0, CTL_SIZE)
+            mm = mmap.mmap(shm.fd, CTL_SIZE)
+        except OSError as exc:
+            shm.unlink()
+            raise TableUnavailable(f"cannot create the control segment {name}: {exc}") from exc
+        finally:
+            shm.close_fd()
+        CTL_STRUCT.pack_into(mm, 0, CTL_MAGIC, LAYOUT_VERSION, 0, 0, 0, 0, b"")
+        return mm
+
+    def _ctl_current_name(self) -> str:
+        if self._ctl is None:
+            return ""
+        fields = CTL_STRUCT.unpack_from(self._ctl, 0)
+        n = fields[5]
+        return fields[6][:n].decode("ascii", "replace") if 0 < n <= MAX_NAME_BYTES else ""
+
+    def _point_ctl_at(self, seg: _Segment) -> None:
+        ctlq = self._open_ctl()
+        assert self._ctl is not None
+        generation = ctlq[C_GENERATION] + 1
+        self._generation = generation
+        seg.q[H_GENERATION] = generation
+        s = ctlq[C_SEQ]
+        ctlq[C_SEQ] = s + 1
+        name = seg.name.encode("ascii")
+        CTL_STRUCT.pack_into(
+            self._ctl, 0, CTL_MAGIC, LAYOUT_VERSION, s + 1, generation, seg.size, len(name), name
+        )
+        ctlq[C_SEQ] = s + 2
+
+
+def _mark_moved(q: memoryview, slots: memoryview) -> None:
+    q[H_STALE] = 1
+    # One aligned 8-byte store per slot: a bulk memset could tear a slot word that a
+    # reader is loading (vector stores are not promised atomic per 8 bytes).
+    for i in range(len(slots)):
+        slots[i] = MOVED
+
+
+def _unlink(name: str) -> None:
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        pass

@@ -1,0 +1,424 @@
+"""Unit tests of the shared table: the daemon-side ShmTable against separate ShmReader mappings."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import platform
+import stat
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from walcache import CacheFull, ReadContention, TableUnavailable
+from walcache.codec import encode_key, encode_value
+from walcache.shm import ShmReader, ShmTable, layout
+from walcache.shm.writer import MAX_LOAD
+
+from .helpers import SHM_DIR, leave_write_open, record_word, segments_of
+
+FUTURE = layout.now_ms() + 3_600_000
+PAST = 1
+
+
+def put(t: ShmTable, key: object, value: object, seqno: int = 1, expiry_ms: int = 0) -> None:
+    vflag, vb = encode_value(value)
+    t.put(encode_key(key), vflag, vb, seqno, expiry_ms)
+
+
+@pytest.fixture
+def table(namespace: str) -> Iterator[ShmTable]:
+    t = ShmTable.create(namespace, capacity=16, data_bytes=4096)
+    t.publish()
+    yield t
+    t.close(unlink=True)
+
+
+@pytest.fixture
+def reader(table: ShmTable) -> Iterator[ShmReader]:
+    r = ShmReader(table.namespace)
+    yield r
+    r.close()
+
+
+def test_reader_returns_every_kind_of_key_and_value(table: ShmTable, reader: ShmReader) -> None:
+    cases: dict[object, object] = {
+        "str": "text é", b"bytes": b"\x00\xff", 7: 7, -12: [1, "a", None], "none": None,
+        "dict": {"a": 1.5, 2: b"x"}, "empty": b"", "t": True, 10**30: "big",
+    }  # fmt: skip
+    for i, (k, v) in enumerate(cases.items()):
+        put(table, k, v, seqno=i + 1)
+    for k, v in cases.items():
+        assert reader.lookup(k, "MISSING") == v
+        assert reader.get(encode_key(k)) == encode_value(v)
+        assert reader.contains(encode_key(k))
+    # "a", b"a" and 97 are three keys.
+    assert reader.lookup("7", "MISSING") == "MISSING"
+    assert reader.lookup(b"str", "MISSING") == "MISSING"
+    assert reader.get(encode_key("absent")) is None
+    assert not reader.contains(encode_key("absent"))
+    assert len(reader) == len(table) == len(cases)
+
+
+def test_overwrite_in_place_and_out_of_place(table: ShmTable, reader: ShmReader) -> None:
+    put(table, "k", b"a" * 20, seqno=1)
+    w = record_word(table, encode_key("k"))
+    put(table, "k", b"b" * 20, seqno=2)  # same chunk size: in place
+    assert record_word(table, encode_key("k")) == w
+    assert reader.lookup("k") == b"b" * 20
+    put(table, "k", b"c" * 200, seqno=3)  # another size: a new chunk
+    assert record_word(table, encode_key("k")) != w
+    assert reader.lookup("k") == b"c" * 200
+    assert table.lookup(encode_key("k")) == (1, b"c" * 200, 3, 0)
+    assert len(table) == 1
+
+
+def test_delete_says_whether_the_key_existed(table: ShmTable, reader: ShmReader) -> None:
+    put(table, "k", "v")
+    assert table.delete(encode_key("k"), 2) is True
+    assert table.delete(encode_key("k"), 3) is False
+    assert reader.lookup("k") is None and table.lookup(encode_key("k")) is None
+    assert len(reader) == 0
+    put(table, "k", "again", seqno=4)  # reuses the tombstone
+    assert reader.lookup("k") == "again"
+    assert reader.header()["tombstones"] == 0
+    assert reader.header()["applied_seqno"] == 4
+
+
+def test_expired_entries_read_as_missing(table: ShmTable, reader: ShmReader) -> None:
+    put(table, "past", "v", expiry_ms=PAST)
+    put(table, "future", "v", expiry_ms=FUTURE)
+    put(table, "never", "v")
+    assert reader.lookup("past", "MISSING") == "MISSING"
+    assert reader.get(encode_key("past")) is None
+    assert table.lookup(encode_key("past")) is None
+    assert reader.lookup("future") == "v" and reader.lookup("never") == "v"
+    assert table.lookup(encode_key("future")) == (2, b"v", 1, FUTURE)
+    assert {e[0] for e in reader.iter_entries()} == {encode_key("future"), encode_key("never")}
+    assert {e[0] for e in table.items()} == {encode_key("future"), encode_key("never")}
+    assert table.delete(encode_key("past"), 5) is False  # it did not exist for anyone
+
+
+def test_purge_expired_returns_their_memory(namespace: str) -> None:
+    t = ShmTable.create(namespace, capacity=100)  # no rebuild (which drops expired entries too)
+    try:
+        for i in range(10, 60):
+            put(t, i, "x" * 40, expiry_ms=PAST if i % 2 else 0)
+        assert len(t) == 50
+        used = t.used_bytes
+        assert t.purge_expired(max_slots=1 << 20) == 25
+        assert len(t) == 25
+        assert t.used_bytes == used - 25 * t.footprint(len(encode_key(10)), 40)
+        assert t.stats()["generation"] == 0
+    finally:
+        t.close(unlink=True)
+
+
+def test_used_bytes_is_the_sum_of_footprints_and_fits_respects_max_memory(namespace: str) -> None:
+    t = ShmTable.create(namespace, max_memory=1000)
+    try:
+        key = encode_key("k")
+        assert t.fits(key, 100)
+        t.put(key, 1, b"x" * 100, 1, 0)
+        assert t.used_bytes == t.footprint(len(key), 100) == layout.footprint(2, 100)
+        # Overwriting counts the old entry as freed.
+        assert t.fits(key, 1000 - layout.REC_HEADER_SIZE - 2 - 8)
+        assert not t.fits(key, 1000)
+        assert not t.fits(encode_key("other"), 900)
+        assert t.stats()["used_bytes"] == t.used_bytes
+    finally:
+        t.close(unlink=True)
+
+
+@pytest.mark.parametrize("sizes", [(100,), (60, 300)], ids=["same-size", "alternating-sizes"])
+def test_overwriting_every_key_ten_times_does_not_grow_the_segment(namespace: str, sizes: tuple[int, ...]) -> None:
+    n = 2000
+    t = ShmTable.create(namespace, capacity=n, data_bytes=1 << 20)
+    try:
+        keys = [encode_key(b"%010d" % i) for i in range(n)]
+        seqno = 0
+        footprints = []
+        for rnd in range(10):
+            for k in keys:
+                seqno += 1
+                t.put(k, 1, bytes([rnd]) * sizes[rnd % len(sizes)], seqno, 0)
+            # delete and re-insert a tenth: tombstones and free chunks get reused too
+            for k in keys[: n // 10]:
+                t.delete(k, seqno)
+                t.put(k, 1, bytes([rnd]) * sizes[rnd % len(sizes)], seqno, 0)
+            st = t.stats()
+            footprints.append((st["name"], st["segment_bytes"], st["unallocated_bytes"]))
+        # Once every size has been allocated once, nothing new is ever taken.
+        warm = len(sizes)
+        assert len(set(footprints[warm - 1 :])) == 1, footprints
+        assert t.stats()["generation"] == 0  # never rebuilt
+        assert t.lookup(keys[n - 1]) == (1, bytes([9]) * sizes[9 % len(sizes)], seqno, 0)
+    finally:
+        t.close(unlink=True)
+
+
+def test_index_growth_moves_readers_to_a_new_segment(table: ShmTable, reader: ShmReader) -> None:
+    put(table, "first", "v")
+    old = table.name
+    assert reader.header()["name"] == old
+    capacity = int(table.stats()["capacity"])
+    for i in range(int(capacity * MAX_LOAD) + 1):
+        put(table, i, i)
+    assert table.name != old
+    assert int(table.stats()["capacity"]) > capacity
+    assert "/" + old.lstrip("/") not in segments_of(table.namespace)  # old name unlinked
+    # The reader still holds the old mapping: stale, but whole.
+    hdr = reader.header()
+    assert hdr["name"] == old and hdr["stale"] == 1
+    assert reader.lookup("first") == "v"  # meets MOVED, remaps
+    assert reader.header()["name"] == table.name
+    assert reader.header()["generation"] == table.generation
+    assert all(reader.lookup(i) == i for i in range(int(capacity * MAX_LOAD) + 1))
+
+
+def test_data_area_growth_and_compaction(table: ShmTable, reader: ShmReader) -> None:
+    # Values whose sizes drift leave free chunks of unused sizes behind; when the
+    # bump area runs out the writer compacts (same size) or doubles, never loses keys.
+    seqno = 0
+    for rnd in range(30):
+        for i in range(40):
+            seqno += 1
+            put(table, i, b"v" * (8 * ((rnd * 7 + i) % 60)), seqno=seqno)
+    st = table.stats()
+    assert int(st["data_bytes"]) <= 4 * int(st["used_bytes"]) + 4096
+    for i in range(40):
+        assert reader.lookup(i) == b"v" * (8 * ((29 * 7 + i) % 60))
+
+
+def test_publishing_a_new_table_retires_the_previous_one(namespace: str, table: ShmTable, reader: ShmReader) -> None:
+    put(table, "k", "old")
+    assert reader.lookup("k") == "old"
+    old_name = table.name
+    # A restarted daemon builds a new table (new incarnation) and publishes it.
+    new = ShmTable.create(namespace)
+    try:
+        put(new, "k", "new")
+        assert reader.lookup("k") == "old"  # not published yet
+        new.publish()
+        assert old_name not in segments_of(namespace)
+        assert reader.lookup("k") == "new"
+        assert reader.header()["name"] == new.name
+        assert reader.header()["generation"] == table.generation + 1
+    finally:
+        new.close(unlink=True)
+
+
+def test_a_new_reader_finds_the_current_table(namespace: str, table: ShmTable) -> None:
+    put(table, "k", 1)
+    for i in range(100):
+        put(table, i, i)  # grows a few times
+    with ShmReader(namespace) as r:
+        assert r.header()["name"] == table.name
+        assert r.lookup("k") == 1
+
+
+def _child_writer(namespace: str, mode: str, ready: multiprocessing.synchronize.Event) -> None:
+    t = ShmTable.create(namespace)
+    for i in range(100):
+        put(t, i, f"v{i}", seqno=i + 1)
+    t.publish()
+    if mode == "die-mid-write":
+        leave_write_open(t, encode_key(7))
+        ready.set()
+        os._exit(0)
+    ready.set()
+    time.sleep(60)
+
+
+def _start_child(namespace: str, mode: str) -> multiprocessing.process.BaseProcess:
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    p = ctx.Process(target=_child_writer, args=(namespace, mode, ready), daemon=True)
+    p.start()
+    assert ready.wait(30), "child writer did not publish"
+    return p
+
+
+def test_reads_go_on_after_the_writer_is_killed_and_move_to_the_next_table(namespace: str) -> None:
+    p = _start_child(namespace, "serve")
+    try:
+        r = ShmReader(namespace)
+        assert r.lookup(3) == "v3"
+        assert r.header()["writer_alive"] == 1
+        assert p.pid is not None
+        os.kill(p.pid, 9)
+        p.join(10)
+        assert r.lookup(3) == "v3" and r.lookup(99) == "v99"
+        assert r.header()["writer_alive"] == 0
+        t = ShmTable.create(namespace)
+        try:
+            put(t, 3, "restarted")
+            t.publish()
+            assert r.lookup(3) == "restarted" and r.lookup(99) is None
+        finally:
+            t.close(unlink=True)
+        r.close()
+    finally:
+        if p.is_alive() and p.pid is not None:
+            os.kill(p.pid, 9)
+        p.join(10)
+
+
+def test_a_writer_that_died_mid_write_makes_that_key_unavailable(namespace: str) -> None:
+    p = _start_child(namespace, "die-mid-write")
+    p.join(10)
+    with ShmReader(namespace) as r:
+        assert r.lookup(8) == "v8"  # other keys stay readable
+        with pytest.raises(TableUnavailable, match="died in the middle of a write"):
+            r.lookup(7)
+        with pytest.raises(TableUnavailable):
+            r.get(encode_key(7))
+
+
+def test_a_write_held_open_by_a_live_writer_raises_read_contention(table: ShmTable, reader: ShmReader) -> None:
+    put(table, "k", "v")
+    leave_write_open(table, encode_key("k"))
+    t0 = time.monotonic_ns()
+    with pytest.raises(ReadContention):
+        reader.lookup("k")
+    assert time.monotonic_ns() - t0 >= layout.RETRY_MIN_NS  # bounded by time AND count
+
+
+def test_a_fingerprint_match_of_another_key_is_not_a_hit(table: ShmTable, reader: ShmReader) -> None:
+    # Put B's fingerprint in the slot B probes first, pointing at A's record.
+    put(table, "A", "a")
+    seg = table._seg
+    assert seg is not None
+    kb = encode_key("B")
+    h = layout.hash_key(kb)
+    i = h & seg.mask
+    saved = seg.slots[i]
+    seg.slots[i] = (h & layout.FP_MASK) | record_word(table, encode_key("A"))
+    try:
+        assert reader.lookup("B", "MISSING") == "MISSING"
+        assert reader.get(kb) is None
+    finally:
+        seg.slots[i] = saved
+    assert reader.lookup("A") == "a"
+
+
+def test_no_table_raises_table_unavailable(namespace: str) -> None:
+    with pytest.raises(TableUnavailable, match="daemon"):
+        ShmReader(namespace)
+    t = ShmTable.create(namespace)  # created but never published: still nothing to read
+    try:
+        with pytest.raises(TableUnavailable):
+            ShmReader(namespace)
+    finally:
+        t.close(unlink=True)
+
+
+def _mode_and_gid(name: str) -> tuple[int, int]:
+    st = os.stat(SHM_DIR + name)
+    return stat.S_IMODE(st.st_mode), st.st_gid
+
+
+def test_segments_are_private_by_default(namespace: str) -> None:
+    old = os.umask(0)
+    try:
+        t = ShmTable.create(namespace)
+        t.publish()
+    finally:
+        os.umask(old)
+    try:
+        for name in segments_of(namespace):
+            assert _mode_and_gid(name)[0] == 0o600, name
+    finally:
+        t.close(unlink=True)
+
+
+def test_a_group_makes_segments_group_readable(namespace: str) -> None:
+    gid = os.getgroups()[-1] if os.getgroups() else os.getgid()
+    t = ShmTable.create(namespace, gid=gid)
+    t.publish()
+    try:
+        put(t, "k", "v")
+        for i in range(64):
+            put(t, i, i)  # a grown segment keeps the mode
+        names = segments_of(namespace)
+        assert len(names) == 2
+        for name in names:
+            assert _mode_and_gid(name) == (0o640, gid), name
+    finally:
+        t.close(unlink=True)
+
+
+def test_close_with_unlink_removes_every_segment(namespace: str) -> None:
+    t = ShmTable.create(namespace, capacity=4)
+    t.publish()
+    for i in range(200):
+        put(t, i, i)
+    r = ShmReader(namespace)
+    assert len(segments_of(namespace)) == 2
+    t.close(unlink=True)
+    assert segments_of(namespace) == []
+    assert r.lookup(5) == 5  # a mapped reader keeps its (now nameless) table
+    r.close()
+
+
+def test_a_segment_over_the_layout_limit_is_refused(namespace: str) -> None:
+    with pytest.raises(CacheFull, match="limit"):
+        ShmTable.create(namespace, data_bytes=layout.MAX_SEGMENT_BYTES)
+    assert segments_of(namespace) == []
+
+
+def test_header_reports_writer_liveness_heartbeat_and_close(table: ShmTable, reader: ShmReader) -> None:
+    hdr = reader.header()
+    assert hdr["writer_pid"] == os.getpid() and hdr["writer_alive"] == 1
+    assert hdr["closed"] == 0 and hdr["stale"] == 0 and hdr["layout_version"] == layout.LAYOUT_VERSION
+    before = int(hdr["heartbeat_ms"])
+    time.sleep(0.01)
+    table.heartbeat()
+    assert int(reader.header()["heartbeat_ms"]) > before
+    put(table, "k", "v")
+    table.mark_closed()
+    assert reader.header()["closed"] == 1
+    assert reader.lookup("k") == "v"  # readers keep reading a closed table
+
+
+def test_iter_entries_and_items_agree(table: ShmTable, reader: ShmReader) -> None:
+    for i in range(30):
+        put(table, i, i, seqno=100 + i, expiry_ms=FUTURE if i % 3 else 0)
+    table.delete(encode_key(4), 200)
+    expected = {(encode_key(i), 0, encode_value(i)[1], 100 + i, FUTURE if i % 3 else 0) for i in range(30) if i != 4}
+    assert set(reader.iter_entries()) == expected
+    assert set(table.items()) == expected
+
+
+def test_iter_entries_follows_the_table_when_it_moves(table: ShmTable, reader: ShmReader) -> None:
+    for i in range(5):
+        put(table, i, i)
+    it = reader.iter_entries()
+    first = next(it)
+    for i in range(5, 100):
+        put(table, i, i)  # forces growth: the scan meets MOVED
+    rest = list(it)
+    keys = [first[0]] + [e[0] for e in rest]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == {encode_key(i) for i in range(100)}
+
+
+def test_get_many_returns_present_keys_only(table: ShmTable, reader: ShmReader) -> None:
+    put(table, "a", 1)
+    put(table, b"b", None)
+    assert reader.get_many(["a", b"b", "c"]) == {"a": 1, b"b": None}
+
+
+def test_lock_free_reads_are_offered_on_x86_64_only(table: ShmTable, reader: ShmReader) -> None:
+    assert reader.lock_free_ok == (platform.machine().lower() in ("x86_64", "amd64"))
+    assert layout.LOCK_FREE_OK == reader.lock_free_ok
+
+
+def test_keys_and_values_over_the_layout_limits_are_refused(table: ShmTable) -> None:
+    from walcache import KeyTooLarge
+
+    with pytest.raises(KeyTooLarge):
+        table.put(b"s" + b"x" * layout.MAX_KEY_BYTES, 1, b"", 1, 0)
+    with pytest.raises(KeyTooLarge):
+        table.put(b"", 1, b"", 1, 0)
