@@ -12,6 +12,8 @@ patching the standard library):
 * "crash" after N bytes: the crossing write is cut there and every later
   call raises :class:`SimulatedCrash` (a BaseException, so no ``except
   OSError`` in the code under test can swallow it: the process is dead);
+* "crash" right before the n-th call of one operation (``crash_at=("rename", 1)``),
+  for tests parametrized over numbered crash points;
 * power loss: :meth:`FaultyFileOps.drop_unsynced` puts every file it touched
   back to what the last successful fdatasync made durable, and every directory
   back to its entries at the last fsync of that directory. With
@@ -111,6 +113,7 @@ class FaultyFileOps(FileOps):
         enospc_after: int | None = None,
         short_write_max: int | None = None,
         crash_after_bytes: int | None = None,
+        crash_at: tuple[str, int] | None = None,
         seed: int = 0,
     ) -> None:
         self.fail_fsync_at = _as_set(fail_fsync_at)
@@ -120,6 +123,8 @@ class FaultyFileOps(FileOps):
         self.enospc_after = enospc_after
         self.short_write_max = short_write_max
         self.crash_after_bytes = crash_after_bytes
+        self.crash_at = crash_at
+        self.calls: dict[str, int] = {}  # operation name -> calls so far
         self.rng = random.Random(seed)
         # Counters tests assert on.
         self.fsyncs = 0  # fdatasync calls, failed ones included
@@ -139,6 +144,13 @@ class FaultyFileOps(FileOps):
         if self.crashed:
             raise SimulatedCrash("the process already crashed")
 
+    def _enter(self, op: str) -> None:
+        self._alive()
+        n = self.calls[op] = self.calls.get(op, 0) + 1
+        if self.crash_at == (op, n):
+            self.crashed = True
+            raise SimulatedCrash(f"crash before {op} #{n}")
+
     def _track_dir(self, d: Path) -> None:
         if d not in self._dirs:
             self._dirs[d] = _listing(d)
@@ -153,7 +165,7 @@ class FaultyFileOps(FileOps):
     # ----------------------------------------------------------------- FileOps
 
     def open(self, path: Path, flags: int, mode: int = 0o644) -> int:
-        self._alive()
+        self._enter("open")
         path = Path(path)
         self._track_dir(path.parent)
         existed = path.exists()
@@ -173,7 +185,7 @@ class FaultyFileOps(FileOps):
         super().close(fd)
 
     def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
-        self._alive()
+        self._enter("pwrite")
         self.writes += 1
         if self.writes in self.fail_write_at:
             raise OSError(self.write_errno, os.strerror(self.write_errno), str(self._fd_path.get(fd)))
@@ -198,7 +210,7 @@ class FaultyFileOps(FileOps):
         return written
 
     def fdatasync(self, fd: int) -> None:
-        self._alive()
+        self._enter("fdatasync")
         self.fsyncs += 1
         if self.fsyncs in self.fail_fsync_at:
             raise OSError(self.fsync_errno, os.strerror(self.fsync_errno), str(self._fd_path.get(fd)))
@@ -206,7 +218,7 @@ class FaultyFileOps(FileOps):
         self._durable[self._fd_ino[fd]] = os.pread(fd, os.fstat(fd).st_size, 0)
 
     def ftruncate(self, fd: int, size: int) -> None:
-        self._alive()
+        self._enter("ftruncate")
         super().ftruncate(fd, size)
 
     def read_file(self, path: Path) -> bytes:
@@ -214,18 +226,18 @@ class FaultyFileOps(FileOps):
         return super().read_file(path)
 
     def rename(self, src: Path, dst: Path) -> None:
-        self._alive()
+        self._enter("rename")
         self._track_dir(Path(src).parent)
         self._track_dir(Path(dst).parent)
         super().rename(src, dst)
 
     def unlink(self, path: Path) -> None:
-        self._alive()
+        self._enter("unlink")
         self._track_dir(Path(path).parent)
         super().unlink(path)
 
     def fsync_dir(self, path: Path) -> None:
-        self._alive()
+        self._enter("fsync_dir")
         self.dir_fsyncs += 1
         super().fsync_dir(path)
         self._dirs[Path(path)] = _listing(Path(path))

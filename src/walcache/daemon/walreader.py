@@ -182,21 +182,20 @@ def _replay_fast(buf: bytes, off: int, end: int, expect: int, apply_fn: ApplyFn)
     """
     unpack = RECORD_HEADER.unpack_from
     hsize = RECORD_HEADER_SIZE
-    tsize = CRC_TRAILER.size
     while off < end:
         length, rtype, vflag, klen, seqno, _durable, expiry, vlen = unpack(buf, off)
-        k = off + hsize
-        kv = k + klen
         nxt = off + length
-        if seqno != expect or kv + vlen + tsize > nxt or nxt > end or length < MIN_RECORD_BYTES:
+        # Kept checks: these stop the loop from running past the checked run or in place.
+        if seqno != expect or nxt > end or length < MIN_RECORD_BYTES:
             break
         if rtype == REC_PUT:
-            apply_fn(seqno, ((OP_PUT, buf[k:kv], vflag, buf[kv : kv + vlen], expiry),))
+            kv = off + hsize + klen
+            apply_fn(seqno, ((OP_PUT, buf[off + hsize : kv], vflag, buf[kv : kv + vlen], expiry),))
         elif rtype == REC_DELETE:
-            apply_fn(seqno, ((OP_DELETE, buf[k:kv], 0, b"", 0),))
+            apply_fn(seqno, ((OP_DELETE, buf[off + hsize : off + hsize + klen], 0, b"", 0),))
         elif rtype == REC_BATCH:
             try:
-                ops = decode_batch(buf, kv, kv + vlen)
+                ops = decode_batch(buf, off + hsize, off + hsize + vlen)
             except RecordError:
                 break
             apply_fn(seqno, ops)

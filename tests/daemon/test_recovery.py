@@ -1,0 +1,606 @@
+"""Recovery: torn tails are dropped, corruption is refused, every acknowledged record survives.
+
+Crashes come from three places: byte surgery on real files (truncation, flips),
+the FaultyFileOps seam (power loss = drop what was not synced, crash points,
+EIO, ENOSPC, short writes), and a real writer process killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from walcache import DataDirLocked, LogCorrupt, LogFailed
+from walcache.daemon.fileops import FaultyFileOps, FileOps, SimulatedCrash
+from walcache.daemon.lock import DataDirLock
+from walcache.daemon.recovery import check_log, open_log
+from walcache.daemon.walformat import OP_DELETE, OP_PUT, SEGMENT_HEADER_SIZE, decode_record, segment_name
+
+from .bytesurgery import (
+    all_records,
+    dir_fingerprint,
+    flip_byte,
+    records_in,
+    segments,
+    truncate_at,
+    zero_range,
+)
+from .logmodel import FUTURE_MS, NOW_MS, PAST_MS, Record, ops_for_seqno, random_ops, recover, state_after, write_log
+
+SEG1 = segment_name(1)
+
+
+def _one_segment_log(tmp_path: Path, n: int, seed: int, **kw: object) -> tuple[Path, list[Record], bytes]:
+    src = tmp_path / "src"
+    rng = random.Random(seed)
+    ops = [random_ops(rng) for _ in range(n)]
+    written = write_log(src, ops, **kw)  # type: ignore[arg-type]
+    assert len(segments(src)) == 1
+    return src, written, (src / SEG1).read_bytes()
+
+
+def _expect_prefix(data_dir: Path, written: list[Record], k: int) -> None:
+    writer, report, table = recover(data_dir)
+    try:
+        assert report.last_seqno == k, (report.last_seqno, k)
+        assert writer.next_seqno == k + 1
+        assert table.snapshot() == state_after(written, k)
+    finally:
+        writer.close()
+
+
+# ------------------------------------------------------------------ truncation
+
+
+def test_truncation_at_every_byte_offset_recovers_exactly_the_whole_records_before_it(tmp_path: Path) -> None:
+    _src, written, buf = _one_segment_log(tmp_path, 16, seed=11, group_sizes=[1, 2, 3], segment_bytes=8192)
+    recs = records_in(tmp_path / "src" / SEG1)
+    ends = [r.end for r in recs]
+    assert any(len(ops) > 1 for _, ops in written)  # batches included
+    d = tmp_path / "d"
+    for cut in range(0, ends[-1] + 9):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        (d / SEG1).write_bytes(buf[:cut])
+        if cut < SEGMENT_HEADER_SIZE:
+            # A header cut short cannot come from a crash: segments get their name only once the
+            # header is durable. So it is corruption, and nothing is touched.
+            with pytest.raises(LogCorrupt) as ei:
+                recover(d)
+            assert ei.value.offset == 0
+            assert (d / SEG1).read_bytes() == buf[:cut]
+            continue
+        k = sum(1 for e in ends if e <= cut)
+        _expect_prefix(d, written, k)
+        if cut % 5 == 0:
+            # The log stays usable: the next record gets seqno k+1 and survives a reopen.
+            writer, _, _ = recover(d)
+            seqno, data = writer.encode([(OP_PUT, b"bnew", 0, b"x", 0)])
+            assert seqno == k + 1
+            writer.append(data)
+            writer.close()
+            _, report, table = recover(d)
+            assert report.last_seqno == k + 1 and table.get(b"bnew") == (0, b"x")
+
+
+def test_truncation_at_500_sampled_offsets_of_a_large_log(tmp_path: Path) -> None:
+    seed = int(os.environ.get("WALCACHE_TEST_SEED", "20240501"))
+    _src, written, buf = _one_segment_log(tmp_path, 4000, seed=seed, group_sizes=[1, 8, 64, 3],
+                                          segment_bytes=4 << 20)
+    ends = [r.end for r in records_in(tmp_path / "src" / SEG1)]
+    rng = random.Random(seed)
+    d = tmp_path / "d"
+    for cut in sorted(rng.sample(range(SEGMENT_HEADER_SIZE, ends[-1] + 1), 500)):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        (d / SEG1).write_bytes(buf[:cut])
+        k = sum(1 for e in ends if e <= cut)
+        try:
+            _expect_prefix(d, written, k)
+        except AssertionError:
+            print(f"replay with WALCACHE_TEST_SEED={seed}; failing cut {cut}")
+            raise
+
+
+def test_torn_tail_is_dropped_and_logged_with_file_offset_and_bytes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src, written, buf = _one_segment_log(tmp_path, 10, seed=12)
+    last = records_in(src / SEG1)[-1]
+    truncate_at(src / SEG1, last.offset + 30)
+    with caplog.at_level(logging.WARNING, logger="walcache.wal"):
+        writer, report, table = recover(src)
+    writer.close()
+    assert report.truncated_path == src / SEG1
+    assert report.truncated_offset == last.offset
+    assert report.truncated_bytes == len(buf[last.offset : last.offset + 30].rstrip(b"\0"))
+    assert report.last_seqno == 9 and table.snapshot() == state_after(written, 9)
+    msg = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert str(src / SEG1) in msg and f"offset {last.offset}" in msg and f"dropped {report.truncated_bytes} bytes" in msg
+    # The dropped bytes are gone for good: the next open sees a clean log.
+    _, report2, _ = recover(src)
+    assert report2.truncated_bytes == 0 and report2.last_seqno == 9
+
+
+# ------------------------------------------------------------------ flips
+
+
+def _claims(path: Path) -> list[tuple[int, int]]:
+    buf = path.read_bytes()
+    out = []
+    salt = int.from_bytes(buf[40:44], "little")
+    for r in records_in(path):
+        d = decode_record(buf, r.offset, salt=salt)
+        out.append((d.seqno, d.durable_seqno))
+    return out
+
+
+def test_every_single_byte_flip_in_a_sample_is_detected_and_classified(tmp_path: Path) -> None:
+    # fsync=always, one record per append: record s+1 was encoded after s was durable, and says so.
+    src, written, buf = _one_segment_log(tmp_path, 30, seed=13, segment_bytes=8192)
+    recs = records_in(src / SEG1)
+    claims = _claims(src / SEG1)
+    assert [c for _, c in claims] == list(range(30))
+    d = tmp_path / "d"
+    sample = [0, 1, 14, 27, 28, 29]
+    for i in sample:
+        r = recs[i]
+        later_claims = [c for s, c in claims if s > r.seqno]
+        middle = any(c >= r.seqno for c in later_claims)
+        assert middle == (i < 29)  # only the very last record can be a torn write
+        for off in range(r.offset, r.end):
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir()
+            bad = bytearray(buf)
+            bad[off] ^= 0xFF
+            (d / SEG1).write_bytes(bytes(bad))
+            if middle:
+                before = dir_fingerprint(d)
+                with pytest.raises(LogCorrupt) as ei:
+                    recover(d)
+                assert ei.value.path == str(d / SEG1) and ei.value.offset == r.offset, (i, off)
+                assert dir_fingerprint(d) == before  # refused, and nothing truncated
+            else:
+                writer, report, table = recover(d)
+                writer.close()
+                assert report.last_seqno == r.seqno - 1 and report.truncated_offset == r.offset, (i, off)
+                assert table.snapshot() == state_after(written, r.seqno - 1)
+
+
+def test_flips_in_the_segment_header_are_corruption(tmp_path: Path) -> None:
+    src, _written, buf = _one_segment_log(tmp_path, 5, seed=14)
+    d = tmp_path / "d"
+    for off in range(SEGMENT_HEADER_SIZE):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        bad = bytearray(buf)
+        bad[off] ^= 0x04
+        (d / SEG1).write_bytes(bytes(bad))
+        with pytest.raises(LogCorrupt) as ei:
+            recover(d)
+        assert ei.value.offset == 0
+
+
+def test_a_bad_record_in_a_sealed_segment_is_corruption_even_at_its_very_end(tmp_path: Path) -> None:
+    rng = random.Random(15)
+    write_log(tmp_path, [random_ops(rng) for _ in range(200)], group_sizes=[5], segment_bytes=4096,
+              policy="never")
+    segs = segments(tmp_path)
+    assert len(segs) >= 3
+    last_of_first = records_in(segs[0])[-1]
+    truncate_at(segs[0], last_of_first.end - 3)
+    with pytest.raises(LogCorrupt) as ei:
+        recover(tmp_path)
+    assert ei.value.path == str(segs[0]) and ei.value.offset == last_of_first.offset
+
+
+def test_damage_followed_by_records_written_after_a_later_sync_is_corruption(tmp_path: Path) -> None:
+    # fsync=never, but an explicit sync in the middle: records encoded after it claim what it covered.
+    d = tmp_path / "d"
+    writer, _, _ = recover(d, policy="never")
+    for i in range(10):
+        writer.append(writer.encode([(OP_PUT, b"bk%d" % i, 0, b"v", 0)])[1])
+    writer.sync()
+    for i in range(10, 20):
+        writer.append(writer.encode([(OP_PUT, b"bk%d" % i, 0, b"v", 0)])[1])
+    writer.close()
+    recs = records_in(d / SEG1)
+    zero_range(d / SEG1, recs[4].offset, recs[4].end)  # a synced record zeroed out
+    with pytest.raises(LogCorrupt, match="was durable") as ei:
+        recover(d)
+    assert ei.value.offset == recs[4].offset
+
+
+def test_with_nothing_ever_synced_damage_in_the_newest_segment_reads_as_torn(tmp_path: Path) -> None:
+    # The rule's stated limit: under fsync=never nothing was known durable, so a power cut could have
+    # produced exactly this, and recovery keeps the prefix (it never refuses a crash-made log).
+    d = tmp_path / "d"
+    writer, _, _ = recover(d, policy="never")
+    written = []
+    for i in range(20):
+        ops = ((OP_PUT, b"bk%d" % i, 0, b"v", 0),)
+        seqno, data = writer.encode(ops)
+        writer.append(data)
+        written.append((seqno, ops))
+    writer.close()
+    recs = records_in(d / SEG1)
+    flip_byte(d / SEG1, recs[7].offset + 40)
+    _expect_prefix(d, written, 7)
+
+
+def test_corruption_refuses_to_open_and_changes_nothing(tmp_path: Path) -> None:
+    src, _written, _ = _one_segment_log(tmp_path, 20, seed=16)
+    r = records_in(src / SEG1)[3]
+    flip_byte(src / SEG1, r.offset + 38)
+    before = dir_fingerprint(src)
+    with pytest.raises(LogCorrupt) as ei:
+        recover(src)
+    assert ei.value.path == str(src / SEG1) and ei.value.offset == r.offset
+    assert "check-log --repair" in str(ei.value)
+    assert dir_fingerprint(src) == before
+
+
+# ------------------------------------------------------------------ deletes and batches
+
+
+def test_deletes_and_expired_puts_survive_reopen(tmp_path: Path) -> None:
+    write_log(tmp_path, [
+        [(OP_PUT, b"ba", 1, b"1", 0)],
+        [(OP_PUT, b"bb", 1, b"2", 0)],
+        [(OP_PUT, b"bc", 1, b"3", FUTURE_MS)],
+        [(OP_DELETE, b"ba", 0, b"", 0)],
+        [(OP_PUT, b"bd", 1, b"4", 0), (OP_DELETE, b"bb", 0, b"", 0)],
+        [(OP_PUT, b"bc", 1, b"old-and-expired", PAST_MS)],  # replaces bc, already expired: bc is gone
+    ])
+    for _ in range(3):
+        writer, report, table = recover(tmp_path)
+        writer.close()
+        assert report.last_seqno == 6
+        assert table.snapshot() == {b"bd": (1, b"4", 0)}
+
+
+def test_a_batch_is_all_or_nothing_after_a_crash_at_any_byte(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    write_log(base, [[(OP_PUT, b"bk%d" % i, 0, b"v%d" % i, 0)] for i in range(5)], segment_bytes=8192)
+    batch = tuple((OP_PUT, b"bk%d" % i, 1, b"new-%d" % i, 0) for i in range(6)) + ((OP_DELETE, b"bk0", 0, b"", 0),)
+    before = state_after([(s, ((OP_PUT, b"bk%d" % (s - 1), 0, b"v%d" % (s - 1), 0),)) for s in range(1, 6)], 5)
+    after = dict(before)
+    for op in batch:
+        if op[0] == OP_PUT:
+            after[op[1]] = (op[2], op[3], op[4])
+        else:
+            after.pop(op[1], None)
+    rng = random.Random(17)
+    d = tmp_path / "d"
+    record_len = None
+    cut = 0
+    while record_len is None or cut <= record_len:
+        for keep in (0.0, 0.5, 1.0):
+            shutil.rmtree(d, ignore_errors=True)
+            shutil.copytree(base, d)
+            fo = FaultyFileOps(crash_after_bytes=cut, seed=rng.randrange(1 << 30))
+            writer, _, _ = recover(d, fileops=fo, segment_bytes=8192)
+            _, data = writer.encode(batch)
+            record_len = len(data)
+            with pytest.raises(SimulatedCrash):
+                writer.append(data)
+            fo.drop_unsynced(keep_fraction=keep)
+            w2, report, table = recover(d)
+            w2.close()
+            got = table.snapshot()
+            assert got in (before, after), (cut, keep)
+            if cut < record_len:
+                assert got == before and report.last_seqno == 5
+            elif keep == 1.0:
+                assert got == after and report.last_seqno == 6
+        cut += 1
+
+
+# ------------------------------------------------------------------ power loss and I/O errors
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_power_loss_with_always_keeps_every_acknowledged_record(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    fo = FaultyFileOps(seed=seed, crash_after_bytes=rng.choice([None, rng.randrange(2_000, 40_000)]))
+    writer, _, _ = recover(tmp_path, fileops=fo, segment_bytes=4096)
+    written: list[Record] = []
+    acked = 0
+    try:
+        for _ in range(rng.randrange(5, 120)):
+            group = []
+            for _ in range(rng.choice([1, 1, 3, 8])):
+                ops = random_ops(rng)
+                seqno, data = writer.encode(ops)
+                written.append((seqno, ops))
+                group.append(data)
+            writer.append(b"".join(group))
+            acked = len(written)  # append returned: fsync=always says these are durable
+    except SimulatedCrash:
+        pass
+    fo.drop_unsynced(keep_fraction=rng.choice([0.0, 0.3, 0.7, 1.0]))
+    w2, report, table = recover(tmp_path)
+    w2.close()
+    assert acked <= report.last_seqno <= len(written), (seed, acked, report.last_seqno)
+    assert table.snapshot() == state_after(written, report.last_seqno)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_power_loss_with_never_still_recovers_a_prefix(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    fo = FaultyFileOps(seed=seed, crash_after_bytes=rng.choice([None, rng.randrange(2_000, 40_000)]))
+    writer, _, _ = recover(tmp_path, fileops=fo, segment_bytes=4096, policy="never")
+    written: list[Record] = []
+    try:
+        for _ in range(rng.randrange(5, 120)):
+            group = []
+            for _ in range(rng.choice([1, 3, 8])):
+                ops = random_ops(rng)
+                seqno, data = writer.encode(ops)
+                written.append((seqno, ops))
+                group.append(data)
+            writer.append(b"".join(group))
+    except SimulatedCrash:
+        pass
+    sealed = writer.durable_seqno  # segments are synced when sealed, even under never
+    fo.drop_unsynced(keep_fraction=rng.choice([0.0, 0.3, 0.7, 1.0]))
+    w2, report, table = recover(tmp_path)  # never LogCorrupt: a crash made this log
+    w2.close()
+    assert sealed <= report.last_seqno <= len(written)
+    assert table.snapshot() == state_after(written, report.last_seqno)
+
+
+@pytest.mark.parametrize("power_loss", [False, True])
+def test_eio_on_fsync_fails_the_append_and_every_later_one(tmp_path: Path, power_loss: bool) -> None:
+    fo = FaultyFileOps(fail_fsync_at=1 + 7)  # the first fdatasync creates segment 1; then one per append
+    writer, _, _ = recover(tmp_path, fileops=fo, segment_bytes=4096)
+    written: list[Record] = []
+    acked = 0
+    for i in range(7):
+        ops = ((OP_PUT, b"bk%d" % i, 0, b"v" * 100, 0),)
+        seqno, data = writer.encode(ops)
+        written.append((seqno, ops))
+        if i < 6:
+            writer.append(data)
+            acked = len(written)
+        else:
+            with pytest.raises(LogFailed) as ei:
+                writer.append(data)
+            assert ei.value.errno == 5 and ei.value.path == str(tmp_path / SEG1)
+    assert writer.failed
+    syncs = fo.fsyncs
+    with pytest.raises(LogFailed, match="failed earlier"):
+        writer.append(data)
+    with pytest.raises(LogFailed):
+        writer.sync()
+    with pytest.raises(LogFailed):
+        writer.encode([(OP_PUT, b"bx", 0, b"", 0)])
+    assert fo.fsyncs == syncs  # never retried
+    writer.close()
+    if power_loss:
+        fo.drop_unsynced()
+    w2, report, table = recover(tmp_path)
+    w2.close()
+    assert acked <= report.last_seqno <= len(written)
+    assert report.last_seqno == (6 if power_loss else 7)
+    assert table.snapshot() == state_after(written, report.last_seqno)
+
+
+def test_enospc_fails_the_log_and_reopening_keeps_every_acknowledged_record(tmp_path: Path) -> None:
+    fo = FaultyFileOps(enospc_after=4096 + 5_000)  # segment creation writes 4096 bytes
+    writer, _, _ = recover(tmp_path, fileops=fo, segment_bytes=4096)
+    written: list[Record] = []
+    acked = 0
+    with pytest.raises(LogFailed) as ei:
+        for i in range(1000):
+            ops = ((OP_PUT, b"bk%d" % i, 0, b"v" * 150, 0),)
+            seqno, data = writer.encode(ops)
+            written.append((seqno, ops))
+            writer.append(data)
+            acked = len(written)
+    assert ei.value.errno == 28
+    with pytest.raises(LogFailed):
+        writer.append(b"")
+    writer.close()
+    fo.drop_unsynced()
+    w2, report, table = recover(tmp_path)
+    w2.close()
+    assert 0 < acked == report.last_seqno
+    assert table.snapshot() == state_after(written, acked)
+
+
+def test_short_writes_are_completed_and_leave_an_intact_log(tmp_path: Path) -> None:
+    fo = FaultyFileOps(short_write_max=7, seed=3)
+    rng = random.Random(18)
+    ops = [random_ops(rng) for _ in range(80)]
+    written = write_log(tmp_path, ops, group_sizes=[1, 5, 9], fileops=fo, segment_bytes=4096)
+    assert fo.writes > 3 * len(written)  # the writes really were short
+    _expect_prefix(tmp_path, written, 80)
+
+
+# ------------------------------------------------------------------ numbered crash points
+
+
+ROTATION_CRASH_POINTS = [
+    ("ftruncate", 1),  # 1. before trimming the sealed segment
+    ("fdatasync", 1),  # 1. before syncing it
+    ("open", 1),  # 2. before creating the .tmp
+    ("fdatasync", 2),  # 2. before syncing the .tmp
+    ("rename", 1),  # 3. before the rename
+    ("fsync_dir", 1),  # 4. before the directory fsync
+    ("pwrite", 3),  # 5. switched: before the group's write
+    ("fdatasync", 3),  # 5. before the group's sync
+]
+
+
+@pytest.mark.parametrize("crash_at", ROTATION_CRASH_POINTS, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("keep", [0.0, 1.0])
+def test_crash_at_each_step_of_segment_rotation(tmp_path: Path, crash_at: tuple[str, int], keep: float) -> None:
+    written = write_log(tmp_path, [[(OP_PUT, b"bk%d" % i, 0, b"v" * 60, 0)] for i in range(30)],
+                        segment_bytes=4096)
+    assert len(segments(tmp_path)) == 1  # 30 records of 104 bytes fit in 4096; 10 more do not
+    fo = FaultyFileOps()
+    writer, _, _ = recover(tmp_path, fileops=fo, segment_bytes=4096)
+    fo.calls.clear()
+    fo.crash_at = crash_at  # armed now: counts start at this append
+    group_ops = [((OP_PUT, b"bg%d" % i, 0, b"w" * 60, 0),) for i in range(10)]
+    datas = []
+    for ops in group_ops:
+        seqno, data = writer.encode(ops)
+        written.append((seqno, ops))
+        datas.append(data)
+    with pytest.raises(SimulatedCrash):
+        writer.append(b"".join(datas))
+    fo.drop_unsynced(keep_fraction=keep)
+    w2, report, table = recover(tmp_path, segment_bytes=4096)
+    assert report.last_seqno in (30, 40)
+    assert table.snapshot() == state_after(written, report.last_seqno)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # And the log goes on from there, across the next rotation.
+    for i in range(40):
+        w2.append(w2.encode([(OP_PUT, b"bafter%d" % i, 0, b"z" * 60, 0)])[1])
+    w2.close()
+    _, report2, table2 = recover(tmp_path)
+    assert report2.last_seqno == report.last_seqno + 40
+    assert table2.get(b"bafter39") == (0, b"z" * 60)
+
+
+def test_a_tmp_segment_left_by_a_crash_is_removed(tmp_path: Path) -> None:
+    write_log(tmp_path, [[(OP_PUT, b"bk", 0, b"v", 0)]])
+    (tmp_path / (segment_name(2) + ".tmp")).write_bytes(b"half a header")
+    writer, report, _ = recover(tmp_path)
+    writer.close()
+    assert report.removed_tmp == [segment_name(2) + ".tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("wal-")) == [SEG1]
+
+
+# ------------------------------------------------------------------ check-log
+
+
+def test_check_log_reports_and_changes_nothing(tmp_path: Path) -> None:
+    rng = random.Random(19)
+    write_log(tmp_path, [random_ops(rng) for _ in range(150)], segment_bytes=4096)
+    clean = check_log(tmp_path)
+    assert clean.ok and clean.verdict == "clean" and clean.records == 150
+    segs = segments(tmp_path)
+    last = records_in(segs[-1])[-1]
+    truncate_at(segs[-1], last.offset + 9)  # torn tail
+    before = dir_fingerprint(tmp_path)
+    torn = check_log(tmp_path)
+    assert torn.ok and torn.verdict == "torn" and torn.records == 149
+    assert dir_fingerprint(tmp_path) == before
+    r = records_in(segs[1])[2]
+    flip_byte(segs[1], r.offset + 50)  # corruption in a sealed segment
+    before = dir_fingerprint(tmp_path)
+    bad = check_log(tmp_path)
+    assert not bad.ok and bad.verdict == "corrupt"
+    assert bad.problem is not None and bad.problem.path == segs[1] and bad.problem.offset == r.offset
+    assert dir_fingerprint(tmp_path) == before
+    text = bad.format()
+    assert str(segs[1]) in text and f"offset {r.offset}" in text and "CORRUPT" in text
+    assert f"repair drops seqnos {r.seqno}-149" in text
+
+
+def test_check_log_repair_cuts_at_the_corruption_and_reports_dropped_seqnos(tmp_path: Path) -> None:
+    rng = random.Random(20)
+    written = write_log(tmp_path, [random_ops(rng) for _ in range(150)], segment_bytes=4096)
+    segs = segments(tmp_path)
+    r = records_in(segs[1])[2]
+    zero_range(segs[1], r.offset + 8, r.offset + 16)  # the seqno field of one record
+    with pytest.raises(LogCorrupt):
+        recover(tmp_path)
+    with DataDirLock(tmp_path):  # repair refuses to run beside a daemon
+        with pytest.raises(DataDirLocked):
+            check_log(tmp_path, repair=True)
+    report = check_log(tmp_path, repair=True)
+    assert report.repaired and report.ok
+    assert report.dropped_seqnos == (r.seqno, 150)
+    assert report.intact_after == list(range(r.seqno + 1, 151))  # everything else after it was readable
+    assert any(f"dropped seqnos {r.seqno}-150" in a for a in report.actions)
+    kept = [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert len(kept) == len(segs) - 1  # the cut tail of segment 2, and segments 3.. moved aside
+    _expect_prefix(tmp_path, written, r.seqno - 1)
+    assert check_log(tmp_path).verdict == "clean"
+
+
+def test_check_log_repair_on_a_torn_tail_drops_only_the_tail(tmp_path: Path) -> None:
+    src, written, _ = _one_segment_log(tmp_path, 12, seed=21)
+    last = records_in(src / SEG1)[-1]
+    truncate_at(src / SEG1, last.offset + 20)
+    report = check_log(src, repair=True)
+    assert report.repaired and report.verdict == "torn" and report.dropped_seqnos is None
+    _expect_prefix(src, written, 11)
+
+
+# ------------------------------------------------------------------ a real process, SIGKILL
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, random
+    sys.path.insert(0, sys.argv[1])
+    from pathlib import Path
+    from daemon.logmodel import ops_for_seqno
+    from walcache.daemon.recovery import open_log
+    data_dir, seed = Path(sys.argv[2]), int(sys.argv[3])
+    writer, report = open_log(data_dir, lambda s, ops: None, policy="always", segment_bytes=16384)
+    rng = random.Random(seed + report.last_seqno)
+    print("ready", report.last_seqno, flush=True)
+    while True:
+        datas = []
+        for _ in range(rng.choice([1, 2, 5, 17])):
+            seqno, data = writer.encode(ops_for_seqno(seed, writer.next_seqno))
+            datas.append(data)
+        writer.append(b"".join(datas))
+        print("acked", seqno, flush=True)
+    """
+)
+
+
+def test_sigkill_of_a_real_writer_loses_no_acknowledged_record(tmp_path: Path) -> None:
+    seed = int(os.environ.get("WALCACHE_TEST_SEED", "7"))
+    rng = random.Random(seed)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    tests_dir = str(Path(__file__).resolve().parent.parent)
+    d = tmp_path / "data"
+    acked = 0
+    for round_ in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), tests_dir, str(d), str(seed)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            first = proc.stdout.readline().split()  # type: ignore[union-attr]
+            assert first and first[0] == "ready", proc.stderr.read()  # type: ignore[union-attr]
+            assert int(first[1]) >= acked  # the previous round's acknowledged records are all there
+            deadline = time.monotonic() + rng.uniform(0.1, 0.6)
+            while time.monotonic() < deadline:
+                line = proc.stdout.readline().split()  # type: ignore[union-attr]
+                assert line and line[0] == "acked", proc.stderr.read()  # type: ignore[union-attr]
+                acked = int(line[1])
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            proc.stdout.close()  # type: ignore[union-attr]
+            proc.stderr.close()  # type: ignore[union-attr]
+        writer, report, table = recover(d)
+        writer.close()
+        assert report.last_seqno >= acked, f"seed {seed} round {round_}: acked {acked}, recovered {report.last_seqno}"
+        expected = [(s, ops_for_seqno(seed, s)) for s in range(1, report.last_seqno + 1)]
+        assert table.snapshot() == state_after(expected, report.last_seqno)
+        acked = report.last_seqno
+    assert acked > 0
