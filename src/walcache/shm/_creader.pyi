@@ -14,6 +14,17 @@ TOMBSTONE: int
 MOVED: int
 FP_MASK: int
 DATA_MAGIC: bytes
+H_VERSION: int
+H_GENERATION: int
+H_SEGMENT_BYTES: int
+H_CAPACITY: int
+H_INDEX_OFF: int
+H_DATA_OFF: int
+H_STALE: int
+R_SEQ: int
+R_LENS: int
+R_EXPIRY_VFLAG: int
+R_SEQNO: int
 
 def xxh64(data: bytes | bytearray | memoryview, seed: int = 0, /) -> int: ...
 def encode_key(key: object, /) -> bytes: ...

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Union
 
+from ..errors import TableUnavailable
 from . import layout
 from .layout import H_STALE
 from .reader import ShmReader
@@ -49,6 +50,8 @@ log = logging.getLogger("walcache.shm")
 SCAN_BATCH = 4096
 _SCAN_MOVED = 1
 _SCAN_CONTENDED = 2
+_SCAN_BAD_SLOT = 3
+_SCAN_BAD_RECORD = 4
 _MAX_REMAPS = 16
 
 
@@ -179,10 +182,12 @@ class CReader(_Base):
                 if py is None or not py._q[H_STALE]:
                     return
                 status = _SCAN_MOVED  # it moved while we yielded: go on over the new table
+            if status == _SCAN_BAD_SLOT:
+                raise TableUnavailable(f"shared table {self._table_name()} has a slot pointing outside its data area")
+            if status == _SCAN_BAD_RECORD:
+                raise TableUnavailable(f"shared table {self._table_name()} holds a corrupt record (slot {nxt})")
             remaps += 1
             if remaps > _MAX_REMAPS:
-                from ..errors import TableUnavailable
-
                 raise TableUnavailable(f"the shared table of {self.namespace} keeps moving during a scan")
             if status == _SCAN_MOVED:
                 self._remap()
@@ -191,9 +196,10 @@ class CReader(_Base):
             start = 0
 
     def _closed_error(self) -> None:
-        from ..errors import TableUnavailable
-
         raise TableUnavailable("this reader is closed")
+
+    def _table_name(self) -> str:
+        return str(self._py.header()["name"]) if self._py is not None else "(closed)"
 
     def header(self) -> dict[str, int | str]:
         assert self._py is not None, "reader is closed"
