@@ -94,6 +94,7 @@ def test_expired_entries_read_as_missing(table: ShmTable, reader: ShmReader) -> 
     assert reader.get(encode_key("past")) is None
     assert table.lookup(encode_key("past")) is None
     assert reader.lookup("future") == "v" and reader.lookup("never") == "v"
+    assert reader.get(encode_key("future")) == (2, b"v")
     assert table.lookup(encode_key("future")) == (2, b"v", 1, FUTURE)
     assert {e[0] for e in reader.iter_entries()} == {encode_key("future"), encode_key("never")}
     assert {e[0] for e in table.items()} == {encode_key("future"), encode_key("never")}
@@ -360,6 +361,25 @@ def test_close_with_unlink_removes_every_segment(namespace: str) -> None:
     assert segments_of(namespace) == []
     assert r.lookup(5) == 5  # a mapped reader keeps its (now nameless) table
     r.close()
+
+
+def test_the_reserve_is_committed_only_as_it_is_used(namespace: str) -> None:
+    from walcache.shm.writer import COMMIT_STEP
+
+    t = ShmTable.create(namespace, capacity=3000, data_bytes=64 * COMMIT_STEP)
+    try:
+        path = SHM_DIR + t.name
+        assert os.stat(path).st_size >= 64 * COMMIT_STEP
+        assert os.stat(path).st_blocks * 512 <= 2 * COMMIT_STEP  # sparse: nothing used yet
+        for i in range(3000):
+            put(t, i, b"x" * 1000)
+        st = t.stats()
+        committed = int(st["committed_bytes"])
+        assert int(st["used_bytes"]) <= committed <= int(st["used_bytes"]) + 2 * COMMIT_STEP
+        assert os.stat(path).st_blocks * 512 >= committed  # posix_fallocate really reserved it
+        assert st["name"] == t.name == path[len(SHM_DIR) :] and int(st["segment_bytes"]) >= 64 * COMMIT_STEP
+    finally:
+        t.close(unlink=True)
 
 
 def test_a_segment_over_the_layout_limit_is_refused(namespace: str) -> None:

@@ -285,9 +285,7 @@ class ShmReader:
                     v = M[b:e]  # type: ignore[index]
                     xv = Q[w + 2]
                     if V[w] == s and not s & 1:  # R5
-                        if xv > 255 and xv >> 8 <= _time() * 1000.0:  # R7
-                            return default
-                        xv &= 255
+                        # xv is expiry << 8 | vflag: without an expiry it IS the vflag.
                         if xv == 1:
                             return v
                         try:
@@ -295,6 +293,16 @@ class ShmReader:
                                 return v.decode()
                             if xv == 0:
                                 return decode_value(0, v)
+                            if xv >> 8:
+                                if xv >> 8 <= _time() * 1000.0:  # R7
+                                    return default
+                                xv &= 255
+                                if xv == 1:
+                                    return v
+                                if xv == 2:
+                                    return v.decode()
+                                if xv == 0:
+                                    return decode_value(0, v)
                         except Exception:  # only a corrupt table; _read raises the clear error
                             pass
                 break
@@ -319,7 +327,44 @@ class ShmReader:
     # -- the reference read path ------------------------------------------------------------------
 
     def get(self, key: bytes) -> tuple[int, bytes] | None:
-        """(vflag, value bytes) stored under the encoded key, or None (missing or expired)."""
+        """(vflag, value bytes) stored under the encoded key, or None (missing or expired).
+
+        The same one optimistic pass as :meth:`lookup`, without the codec.
+        """
+        h = hash_key(key)
+        f = h & _FP
+        mask = self._mask
+        i = h & mask
+        S = self._slots
+        home = i
+        while True:
+            x = S[i]
+            w = x - f
+            if self._lo <= w < self._hi:
+                Q = self._q
+                V = self._sv
+                s = V[w]
+                m = Q[w + 1]
+                a = 8 * w + 32
+                b = a + (m >> 32)
+                e = b + (m & 0xFFFFFFFF)
+                M = self._mm
+                if e <= self._end and M[a:b] == key:  # type: ignore[index]
+                    v = M[b:e]  # type: ignore[index]
+                    xv = Q[w + 2]
+                    if V[w] == s and not s & 1:
+                        if xv < 3:
+                            return xv, v
+                        if xv & 255 < 3:
+                            return None if xv >> 8 <= _time() * 1000.0 else (xv & 255, v)
+                break
+            elif not x:
+                return None
+            elif x == _MOVED:
+                break
+            i = (i + 1) & mask
+            if i == home:
+                break
         return self._read(key)
 
     def contains(self, key: bytes) -> bool:

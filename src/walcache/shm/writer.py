@@ -34,7 +34,7 @@ from collections.abc import Iterator
 import posix_ipc
 import psutil
 
-from ..errors import CacheFull, KeyTooLarge, TableUnavailable, ValueTooLarge
+from ..errors import CacheFull, ConfigError, KeyTooLarge, TableUnavailable, ValueTooLarge
 from .layout import (
     CTL_MAGIC,
     CTL_SIZE,
@@ -85,6 +85,7 @@ log = logging.getLogger("walcache.shm")
 # bytes per key, and a miss probes ~3.6 slots on average at the worst load.
 MAX_LOAD = 0.6
 MIN_LOAD = 0.3
+COMMIT_STEP = 1 << 20
 _PAGE = 4096
 
 
@@ -97,11 +98,19 @@ def _pow2_at_least(n: int) -> int:
 
 
 class _Segment:
-    """One data segment mapped read-write, plus the writer's private allocation state."""
+    """One data segment mapped read-write, plus the writer's private allocation state.
 
-    def __init__(self, name: str, mm: mmap.mmap, capacity: int, data_off: int) -> None:
+    The segment is reserved sparse (ftruncate) and its pages are committed with
+    posix_fallocate ahead of the bump pointer, COMMIT_STEP at a time: a full /dev/shm
+    then fails a put with CacheFull instead of SIGBUS, and the reserve left by growth
+    costs no memory until it is used. Readers only follow slots to committed chunks.
+    """
+
+    def __init__(self, name: str, fd: int, mm: mmap.mmap, capacity: int, data_off: int, committed: int) -> None:
         self.name = name
+        self.fd = fd
         self.mm = mm
+        self.committed = committed
         self.size = len(mm)
         self.capacity = capacity
         self.mask = capacity - 1
@@ -126,8 +135,24 @@ class _Segment:
         w = self.top
         if w + nw > self.end_words:
             return 0
+        if (w + nw) << 3 > self.committed:
+            self.commit((w + nw) << 3)
         self.top = w + nw
         return w
+
+    def commit(self, end: int) -> None:
+        """Commit the pages up to byte ``end`` (rounded up to COMMIT_STEP)."""
+        new = min(self.size, _round_up(end, COMMIT_STEP))
+        if new <= self.committed:
+            return
+        try:
+            os.posix_fallocate(self.fd, self.committed, new - self.committed)
+        except OSError as exc:
+            raise CacheFull(
+                f"cannot commit {new - self.committed} more bytes of shared memory for {self.name} "
+                f"({exc.strerror}): /dev/shm is full or limited; free space there or lower --max-memory"
+            ) from exc
+        self.committed = new
 
     def release(self, w: int, nw: int) -> None:
         self.free.setdefault(nw, []).append(w)
@@ -137,6 +162,7 @@ class _Segment:
         self.slots.release()
         self.q.release()
         self.mm.close()
+        os.close(self.fd)
 
 
 class ShmTable:
@@ -187,10 +213,10 @@ class ShmTable:
             raise ValueError(f"namespace {namespace!r} is too long for a shared-memory name")
         table = cls(namespace, max_memory=max_memory, mode=mode, gid=gid)
         slots = max(MIN_CAPACITY, _pow2_at_least(int(capacity / MAX_LOAD) + 1))
-        table._seg = table._new_segment(slots, max(data_bytes, _PAGE))
+        table._seg = table._new_segment(slots, max(data_bytes, _PAGE), 0)
         return table
 
-    def _new_segment(self, capacity: int, data_bytes: int) -> _Segment:
+    def _new_segment(self, capacity: int, data_bytes: int, data_needed: int) -> _Segment:
         self._n += 1
         name = data_name(self.namespace, self._incarnation, self._n)
         data_off = _round_up(HEADER_SIZE + capacity * SLOT_SIZE, 64)
@@ -200,38 +226,41 @@ class ShmTable:
                 f"the shared table would need a {size}-byte segment, over the "
                 f"{MAX_SEGMENT_BYTES}-byte limit of the layout; lower --max-memory"
             )
-        mm = self._create_shm(name, size)
+        fd, mm = self._create_shm(name, size)
+        seg = _Segment(name, fd, mm, capacity, data_off, 0)
+        try:
+            seg.commit(data_off + data_needed)
+        except BaseException:
+            seg.close()
+            _unlink(name)
+            raise
         HEADER_STRUCT.pack_into(
             mm, 0, DATA_MAGIC, LAYOUT_VERSION, 0, self._incarnation, size, capacity,
             HEADER_SIZE, data_off, self._pid, self._start_ms, 0, 0,
             now_ms(), 0, 0, 0, self._applied,
         )  # fmt: skip
         log.debug("created shm segment %s: %d bytes, %d slots", name, size, capacity)
-        return _Segment(name, mm, capacity, data_off)
+        return seg
 
-    def _create_shm(self, name: str, size: int) -> mmap.mmap:
+    def _create_shm(self, name: str, size: int) -> tuple[int, mmap.mmap]:
+        """A new segment of ``size`` bytes, reserved but not committed, and its mapping."""
         shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=self._mode)
+        fd = os.dup(shm.fd)
+        shm.close_fd()
         try:
             # shm_open applies the umask: set the mode we were asked for exactly.
-            os.fchmod(shm.fd, self._mode)
+            os.fchmod(fd, self._mode)
             if self._gid is not None:
-                os.fchown(shm.fd, -1, self._gid)
-            os.ftruncate(shm.fd, size)
-            # Commit the pages now: a full /dev/shm then fails here with ENOSPC instead
-            # of killing the writer or a reader with SIGBUS on first touch.
-            os.posix_fallocate(shm.fd, 0, size)
-            return mmap.mmap(shm.fd, size)
-        except OSError as exc:
-            shm.unlink()
-            raise CacheFull(
-                f"cannot reserve {size} bytes of shared memory for {name} ({exc.strerror}): "
-                "/dev/shm is full or limited; free space there or lower --max-memory"
-            ) from exc
+                try:
+                    os.fchown(fd, -1, self._gid)
+                except OSError as exc:
+                    raise ConfigError(f"cannot give shared memory {name} to group {self._gid}: {exc}") from exc
+            os.ftruncate(fd, size)
+            return fd, mmap.mmap(fd, size)
         except BaseException:
+            os.close(fd)
             shm.unlink()
             raise
-        finally:
-            shm.close_fd()
 
     # -- the Table protocol (walcache.daemon.apply) -------------------------------------
 
@@ -431,6 +460,7 @@ class ShmTable:
             "used_bytes": self.used_bytes,
             "free_list_bytes": seg.free_words << 3,
             "unallocated_bytes": (seg.end_words - seg.top) << 3,
+            "committed_bytes": seg.committed,
             "applied_seqno": self._applied,
         }
 
@@ -554,7 +584,7 @@ class ShmTable:
         data_words = old.data_words
         while (self._live_words + extra_words) * 2 > data_words:
             data_words *= 2
-        new = self._new_segment(capacity, data_words << 3)
+        new = self._new_segment(capacity, data_words << 3, (self._live_words + extra_words) << 3)
         try:
             self._copy_live(old, new)
         except BaseException:
