@@ -424,6 +424,19 @@ def test_iter_entries_follows_the_table_when_it_moves(table: ShmTable, reader: S
     assert set(keys) == {encode_key(i) for i in range(100)}
 
 
+def test_a_get_that_remaps_in_the_middle_of_a_scan(table: ShmTable, reader: ShmReader) -> None:
+    for i in range(5):
+        put(table, i, i)
+    it = reader.iter_entries()
+    seen = [next(it)[0]]
+    for i in range(5, 100):
+        put(table, i, i)
+    assert len(reader) == 100  # len() notices the stale table and remaps
+    assert reader.lookup(99) == 99
+    seen += [e[0] for e in it]
+    assert sorted(seen) == sorted(encode_key(i) for i in range(100))
+
+
 def test_get_many_returns_present_keys_only(table: ShmTable, reader: ShmReader) -> None:
     put(table, "a", 1)
     put(table, b"b", None)

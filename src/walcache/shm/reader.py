@@ -382,6 +382,8 @@ class ShmReader:
         return out
 
     def __len__(self) -> int:
+        if self._q[H_STALE]:
+            self._remap()
         return self._q[H_LIVE]
 
     def _read(self, kb: bytes) -> tuple[int, bytes] | None:
@@ -532,6 +534,10 @@ class ShmReader:
         """Entries of the current mapping; None once it turns out to have moved."""
         S, V = self._slots, self._sv
         for i in range(self._mask + 1):
+            if self._slots is not S:
+                # A get between two yields remapped (and released S): go on over the new table.
+                yield None
+                return
             tries = 0
             t0 = 0
             while True:
