@@ -49,7 +49,12 @@
 
 /* ---- layout constants (walcache/shm/layout.py; any change there bumps the version) ---- */
 
+#ifdef WALCACHE_TEST_LAYOUT_VERSION
+/* Only the tests define this: a build for another layout must be refused at import. */
+#define LAYOUT_VERSION WALCACHE_TEST_LAYOUT_VERSION
+#else
 #define LAYOUT_VERSION 1
+#endif
 #define HEADER_SIZE 256
 #define SLOT_SIZE 8
 #define REC_HEADER_SIZE 32

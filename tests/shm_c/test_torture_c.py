@@ -1,0 +1,161 @@
+"""The shm tests' multi-process torn-read torture, with compiled readers.
+
+The writer process (theirs, imported: full speed, self-checking values, growth, in-place
+and out-of-place rewrites, space reuse) runs against two reader processes that use the C
+reader's lookup, get and get_many and verify every value. The control run switches the
+seqlock validation off (the C reader's test-only flag) and must see tears: that is what
+proves this test could catch one. Seeds are printed on failure; replay with
+WALCACHE_TEST_SEED=<seed>.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import time
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import pytest
+
+from walcache import ReadContention
+from walcache.shm.creader import CReader
+
+from shm.helpers import check_value
+from shm.test_torture import (  # noqa: F401
+    CONTROL_MAX_SECONDS,
+    DEFAULT_SECONDS,
+    HOT,
+    WAVE,
+    Run,
+    _check_clean,
+    _churn,
+    _ctx,
+    _hot,
+    _seed,
+    _writer,
+    procs,
+)
+
+from .helpers import requires_c
+
+pytestmark = requires_c
+
+BATCH = 24
+
+
+def _pick(rng: random.Random, g: int) -> tuple[int, bytes]:
+    """(key id, user key): a hot key, or a churn key of the current or the previous wave."""
+    if rng.random() < 0.85:
+        kid = rng.randrange(HOT)
+        return kid, _hot(kid)
+    key, kid = _churn(max(0, g - rng.randrange(2)), rng.randrange(WAVE))
+    return kid, key
+
+
+def _reader_c(namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wave: Any, bad_count: Any, out: Any) -> None:
+    rng = random.Random(seed)
+    ready.wait(30)
+    r = CReader(namespace, unsafe_no_seqlock=unsafe)
+    reads = bad = contention = hot_reads = churn_hits = batched = 0
+    examples: list[str] = []
+    names = {r.header()["name"]}
+
+    def verify(kid: int, value: object) -> None:
+        nonlocal reads, bad, hot_reads, churn_hits
+        reads += 1
+        hot_reads += kid < HOT
+        churn_hits += kid >= HOT and value is not None
+        if value is None:
+            err = "hot key missing" if kid < HOT else None
+        elif not isinstance(value, bytes):
+            err = f"a {type(value).__name__} where bytes were written"
+        else:
+            err = check_value(kid, value)
+        if err:
+            bad += 1
+            with bad_count.get_lock():
+                bad_count.value += 1
+            if len(examples) < 5:
+                examples.append(f"key {kid}: {err}")
+
+    while not stop.is_set():
+        g = wave.value
+        for n in range(256):
+            try:
+                if n % 8 == 0:
+                    picks = {key: kid for kid, key in (_pick(rng, g) for _ in range(BATCH))}
+                    got = r.get_many(list(picks))
+                    batched += len(picks)
+                    for key, kid in picks.items():
+                        verify(kid, got.get(key))
+                    continue
+                kid, key = _pick(rng, g)
+                if n & 1:
+                    entry = r.get(b"b" + key)
+                    verify(kid, None if entry is None else entry[1] if entry[0] == 1 else repr(entry))
+                else:
+                    verify(kid, r.lookup(key))
+            except ReadContention:
+                contention += 1
+        names.add(str(r.header()["name"]))
+    out.put({"role": "reader", "reads": reads, "hot_reads": hot_reads, "churn_hits": churn_hits, "bad": bad, "batched": batched,
+             "contention": contention, "examples": examples, "segments_seen": len(names),
+             "retries": r.retries, "remaps": r.remaps})  # fmt: skip
+    r.close()
+
+
+def _torture_c(namespace: str, procs: list[BaseProcess], seconds: float, unsafe: bool, seed: int) -> Run:
+    ready, stop = _ctx.Event(), _ctx.Event()
+    bad_count = _ctx.Value("q", 0)
+    wave = _ctx.Value("q", 0)
+    out: Any = _ctx.Queue()
+    run = Run(seed)
+    w = _ctx.Process(target=_writer, args=(namespace, seed, ready, stop, wave, out), daemon=True)
+    procs.append(w)
+    w.start()
+    assert ready.wait(30), f"writer did not publish ({run})"
+    for k in range(2):
+        args = (namespace, seed + 1 + k, unsafe, ready, stop, wave, bad_count, out)
+        r = _ctx.Process(target=_reader_c, args=args, daemon=True)
+        procs.append(r)
+        r.start()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if unsafe and bad_count.value >= 3:
+            break  # the control has shown what it had to show
+        assert all(p.is_alive() for p in procs), f"a process died: {[p.exitcode for p in procs]} ({run})"
+    stop.set()
+    for _ in range(3):
+        try:
+            res = out.get(timeout=30)
+        except queue.Empty:
+            pytest.fail(f"a process did not report ({run})")
+        if res["role"] == "writer":
+            run.writer = res
+        else:
+            run.readers.append(res)
+    for p in procs:
+        p.join(30)
+    return run
+
+
+def test_c_readers_never_see_a_torn_value(namespace: str, procs: list[BaseProcess]) -> None:
+    run = _torture_c(namespace, procs, DEFAULT_SECONDS, unsafe=False, seed=_seed())
+    _check_clean(run)
+    assert all(rd["segments_seen"] > 1 for rd in run.readers), f"a reader never remapped: {run}"
+    assert all(rd["batched"] > 0 and rd["remaps"] > 0 for rd in run.readers), f"get_many or remap not exercised: {run}"
+
+
+def test_without_the_seqlock_the_c_readers_see_tears(namespace: str, procs: list[BaseProcess]) -> None:
+    run = _torture_c(namespace, procs, CONTROL_MAX_SECONDS, unsafe=True, seed=_seed())
+    assert run.bad > 0, f"the control saw no tear: the torture test could not catch one ({run})"
+
+
+@pytest.mark.stress
+def test_c_readers_never_see_a_torn_value_long(namespace: str, procs: list[BaseProcess]) -> None:
+    seconds = float(os.environ.get("WALCACHE_STRESS_SECONDS", "10"))
+    run = _torture_c(namespace, procs, seconds, unsafe=False, seed=_seed())
+    _check_clean(run)
