@@ -1,0 +1,225 @@
+"""The ``walcache`` command line (also ``python -m walcache``).
+
+Exit status: 0 success, 1 key not found (get, delete), 2 usage or
+configuration error, 3 no daemon answers, 4 any other walcache error
+(including a corrupt log found by check-log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .codec import Key
+from .errors import ConfigError, DaemonUnavailable, LogCorrupt, WalcacheError
+
+EXIT_OK, EXIT_MISSING, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_ERROR = 0, 1, 2, 3, 4
+
+
+def _key(args: argparse.Namespace) -> Key:
+    raw: str = args.key
+    if args.key_type == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"--key-type int: {raw!r} is not an integer") from None
+    if args.key_type == "bytes":
+        try:
+            return bytes.fromhex(raw)
+        except ValueError:
+            raise ConfigError(f"--key-type bytes takes hex digits, not {raw!r}") from None
+    return raw
+
+
+def _add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--socket",
+        help="the daemon's socket (default: $WALCACHE_SOCKET, else "
+        "$XDG_RUNTIME_DIR/walcache/walcache.sock, else /tmp/walcache-$UID/walcache.sock)",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="the daemon's data dir; lets reads work while the daemon is down",
+    )
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon (default 5)")
+
+
+def _add_key(p: argparse.ArgumentParser) -> None:
+    p.add_argument("key", help="the key (a str unless --key-type says otherwise)")
+    p.add_argument(
+        "--key-type",
+        choices=("str", "int", "bytes"),
+        default="str",
+        help="how to read KEY: str (default), int, or bytes given as hex",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import add_serve_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="walcache",
+        description="A durable shared-memory cache: lock-free reads, a write-ahead log, group commit.",
+    )
+    parser.add_argument("--version", action="version", version=f"walcache {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the daemon in the foreground",
+        description="Run the daemon in the foreground: lock the data dir, recover the log, "
+        "publish the shared table, listen on the socket. Logs go to stderr. "
+        "Every option can also come from WALCACHE_<NAME> or the TOML file "
+        "(precedence: flag > environment > file > default).",
+    )
+    add_serve_arguments(p)
+
+    p = sub.add_parser("get", help="print the value of a key (exit 1 if missing)")
+    _add_key(p)
+    p.add_argument("--json", action="store_true", help="print the value as JSON")
+    _add_client_options(p)
+
+    p = sub.add_parser("put", help="store a value (durable when this returns)")
+    _add_key(p)
+    p.add_argument("value", help="the value (a str; '-' reads stdin as bytes)")
+    p.add_argument("--json", action="store_true", help="parse VALUE as JSON")
+    p.add_argument("--ttl", type=float, help="expire after this many seconds")
+    _add_client_options(p)
+
+    p = sub.add_parser("delete", help="delete a key (exit 1 if it did not exist)")
+    _add_key(p)
+    _add_client_options(p)
+
+    p = sub.add_parser("keys", help="list keys, one per line")
+    p.add_argument("--prefix", help="only str keys starting with PREFIX")
+    _add_client_options(p)
+
+    p = sub.add_parser("stats", help="print the daemon's figures as JSON")
+    _add_client_options(p)
+
+    p = sub.add_parser("compact", help="compact the log now")
+    _add_client_options(p)
+
+    p = sub.add_parser(
+        "check-log",
+        help="verify the log of a data dir (changes nothing unless --repair)",
+        description="Read every record of the log in DIR and report what is found. "
+        "Works while no daemon runs (it takes the data-dir lock). --repair truncates "
+        "at the first corruption and lists the sequence numbers it dropped.",
+    )
+    p.add_argument("dir", nargs="?", help="the data dir (default: the default data dir)")
+    p.add_argument("--repair", action="store_true", help="truncate at the first corruption")
+    return parser
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .client import Client
+
+    return Client(args.socket, timeout=args.timeout, data_dir=args.data_dir)
+
+
+def _print_value(value: Any, as_json: bool) -> None:
+    if as_json or not isinstance(value, (str, bytes)):
+        print(json.dumps(value, default=lambda o: o.hex() if isinstance(o, bytes) else repr(o)))
+    elif isinstance(value, bytes):
+        sys.stdout.buffer.write(value)
+        if sys.stdout.isatty():
+            sys.stdout.buffer.write(b"\n")
+        sys.stdout.flush()
+    else:
+        print(value)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "serve":
+        from .config import load_serve_config
+        from .daemon.server import run
+
+        logging.basicConfig(
+            level=logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        cfg = load_serve_config(args, os.environ)
+        logging.getLogger().setLevel(cfg.log_level.upper())
+        log = logging.getLogger("walcache.daemon")
+        for line in cfg.describe():
+            log.debug("option %s", line)
+        return run(cfg, args=args)
+    if cmd == "check-log":
+        from .daemon.lock import DataDirLock
+        from .daemon.recovery import check_log
+        from .paths import default_data_dir
+
+        ddir = Path(args.dir) if args.dir else default_data_dir()
+        if not ddir.is_dir():
+            raise ConfigError(f"{ddir} is not a directory")
+        with DataDirLock(ddir):
+            report = check_log(ddir, repair=args.repair)
+        print(report.format())
+        return EXIT_OK if report.ok or args.repair else EXIT_ERROR
+    value: Any
+    with _client(args) as c:
+        if cmd == "get":
+            missing = object()
+            value = c.get(_key(args), missing)
+            if value is missing:
+                print(f"not found: {args.key}", file=sys.stderr)
+                return EXIT_MISSING
+            _print_value(value, args.json)
+        elif cmd == "put":
+            if args.value == "-":
+                value = sys.stdin.buffer.read()
+            elif args.json:
+                try:
+                    value = json.loads(args.value)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"VALUE is not JSON: {exc}") from None
+            else:
+                value = args.value
+            c.put(_key(args), value, ttl=args.ttl)
+        elif cmd == "delete":
+            if not c.delete(_key(args)):
+                print(f"not found: {args.key}", file=sys.stderr)
+                return EXIT_MISSING
+        elif cmd == "keys":
+            keys = c.keys_with_prefix(args.prefix) if args.prefix is not None else iter(c)
+            for key in keys:
+                print(key if isinstance(key, str) else repr(key))
+        elif cmd == "stats":
+            print(json.dumps(c.stats(), indent=2, sort_keys=True))
+        elif cmd == "compact":
+            print(json.dumps(c.compact(), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        print(f"walcache: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DaemonUnavailable as exc:
+        print(f"walcache: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except LogCorrupt as exc:
+        print(f"walcache: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except WalcacheError as exc:
+        print(f"walcache: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

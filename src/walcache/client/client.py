@@ -1,0 +1,393 @@
+"""The walcache client: reads from shared memory, mutations over the socket.
+
+``Client.get`` never talks to the daemon: it reads the shared table directly
+(walcache.shm.reader). ``put``/``delete`` and the batch calls send one request
+each and return once the daemon has logged (and, under ``--fsync always``,
+synced) the mutation and published it, so the next ``get`` of the same process
+sees it.
+
+Fork safety: the mapping is shared memory and survives ``fork`` unchanged; the
+socket is not, so a child that inherits a Client drops the parent's socket on
+its first request and opens its own (checked by pid).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from ..codec import Key, decode_key, decode_value, encode_key, encode_value
+from ..errors import (
+    DaemonUnavailable,
+    DataDirLocked,
+    InvalidValue,
+    ProtocolError,
+    ReadContention,
+    TableUnavailable,
+    WalcacheError,
+    WalcacheTimeout,
+)
+from ..paths import default_socket_path, shm_namespace
+from ..protocol import ClientProtocol
+from ..shm.creader import Reader, open_reader
+
+__all__ = ["Client", "connect"]
+
+_MISSING = object()
+
+
+def _ttl_ms(ttl: float | None) -> int | None:
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl <= 0:
+        raise InvalidValue(f"ttl must be a positive number of seconds or None, not {ttl!r}")
+    return max(1, int(math.ceil(ttl * 1000)))
+
+
+class Client(MutableMapping[Key, Any]):
+    """A handle on one walcache daemon and its shared table.
+
+    ``socket_path`` defaults to ``$WALCACHE_SOCKET`` or the default path.
+    ``timeout`` bounds every round trip to the daemon (seconds).
+    ``data_dir`` lets reads work even when the daemon is down at creation
+    (the table's name derives from the data dir).
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 5.0,
+        data_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.socket_path = Path(socket_path) if socket_path is not None else default_socket_path()
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._proto = ClientProtocol()
+        self._pid = os.getpid()
+        self._reader: Reader | None = None
+        self._closed = False
+        self.namespace: str | None = shm_namespace(data_dir) if data_dir is not None else None
+        self.daemon_info: dict[str, Any] = {}
+        try:
+            self._connect()
+        except DaemonUnavailable:
+            if self.namespace is None:
+                raise
+        self._open_reader()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _open_reader(self) -> None:
+        assert self.namespace is not None
+        self._reader = open_reader(self.namespace)
+        # The hot path: the reader's lookup bound directly, no extra Python frame.
+        # Where lock-free reads are not safe (no x86-64 ordering and no compiled
+        # reader), get() asks the daemon: correct before fast.
+        self._fast_get = self._reader.lookup if self._reader.lock_free_ok else self._get_via_daemon
+
+    def _connect(self) -> None:
+        path = str(self.socket_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise DaemonUnavailable(
+                f"no walcache daemon on {path} ({exc.strerror}): start one with "
+                f"`walcache serve --socket {path}` or use walcache.connect(data_dir)"
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnavailable(f"cannot connect to {path}: {exc}") from None
+        self._sock = sock
+        self._proto = ClientProtocol()
+        self._pid = os.getpid()
+        try:
+            info = self._roundtrip(*self._proto.hello())
+        except BaseException:
+            self._drop_socket()
+            raise
+        if self.namespace is not None and info["namespace"] != self.namespace:
+            self._drop_socket()
+            raise DaemonUnavailable(
+                f"the daemon on {path} serves another data dir (table /{info['namespace']})"
+            )
+        self.namespace = info["namespace"]
+        self.daemon_info = info
+
+    def _drop_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def _roundtrip(self, req_id: int, frame: bytes) -> Any:
+        sock = self._sock
+        assert sock is not None
+        try:
+            sock.sendall(frame)
+            while True:
+                reply = self._proto.next_reply()
+                if reply is not None:
+                    break
+                data = sock.recv(1 << 20)
+                if not data:
+                    raise ConnectionResetError("daemon closed the connection")
+                self._proto.receive_data(data)
+        except socket.timeout:
+            self._drop_socket()
+            raise WalcacheTimeout(
+                f"the daemon on {self.socket_path} did not answer within {self.timeout} s"
+            ) from None
+        except OSError as exc:
+            self._drop_socket()
+            raise DaemonUnavailable(f"lost the daemon on {self.socket_path}: {exc}") from None
+        if reply.req_id != req_id:
+            self._drop_socket()
+            raise ProtocolError(f"reply for request {reply.req_id}, expected {req_id}")
+        if not reply.ok:
+            raise reply.value
+        return reply.value
+
+    def _call(self, op: str, *args: Any) -> Any:
+        """One request; reconnects once if the daemon restarted since the last call."""
+        if self._closed:
+            raise WalcacheError("this Client is closed")
+        with self._lock:
+            if self._pid != os.getpid():
+                # Forked: the parent's socket must not be used (its replies would
+                # interleave); the mapping is fine to share.
+                self._sock = None
+                self._pid = os.getpid()
+            fresh = False
+            if self._sock is None:
+                self._connect()
+                fresh = True
+            try:
+                return self._roundtrip(*self._proto.request(op, *args))
+            except DaemonUnavailable:
+                if fresh or op not in _IDEMPOTENT:
+                    raise
+            # The connection died: a restarted daemon may be there now. Every
+            # mutation is idempotent (blind puts and deletes), so one retry is safe.
+            self._connect()
+            return self._roundtrip(*self._proto.request(op, *args))
+
+    # --------------------------------------------------------------- reads
+
+    def get(self, key: Key, default: Any = None) -> Any:  # type: ignore[override]
+        """The value of ``key`` from shared memory, or ``default``."""
+        try:
+            return self._fast_get(key, default)
+        except ReadContention:
+            return self._get_via_daemon(key, default)
+
+    def _get_via_daemon(self, key: Key, default: Any) -> Any:
+        found = self._call("get", encode_key(key))
+        if found is None:
+            return default
+        return decode_value(found[0], found[1])
+
+    def get_many(self, keys: Iterable[Key]) -> dict[Key, Any]:
+        """The found keys and their values (missing keys are left out)."""
+        out: dict[Key, Any] = {}
+        for key in keys:
+            value = self.get(key, _MISSING)
+            if value is not _MISSING:
+                out[key] = value
+        return out
+
+    def __getitem__(self, key: Key) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        assert self._reader is not None
+        return len(self._reader)
+
+    def __iter__(self) -> Iterator[Key]:
+        """The keys present now (a best-effort snapshot of a table that may change)."""
+        assert self._reader is not None
+        now = time.time_ns() // 1_000_000
+        for kb, _vflag, _value, _seqno, expiry in self._reader.iter_entries():
+            if not expiry or expiry > now:
+                yield decode_key(kb)
+
+    def keys_with_prefix(self, prefix: Key) -> Iterator[Key]:
+        """Keys of the same type as ``prefix`` that start with it."""
+        pb = encode_key(prefix)
+        for key in self:
+            if encode_key(key).startswith(pb):
+                yield key
+
+    # -------------------------------------------------------------- writes
+
+    def put(self, key: Key, value: Any, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key``; returns once durable (per the fsync policy)."""
+        vflag, vb = encode_value(value)
+        self._call("put", encode_key(key), vflag, vb, _ttl_ms(ttl))
+
+    def delete(self, key: Key) -> bool:
+        """Remove ``key``; True if it existed."""
+        return bool(self._call("delete", encode_key(key)))
+
+    def put_many(self, mapping: Mapping[Key, Any], ttl: float | None = None) -> None:
+        """Store every item as one atomic log record (all or nothing after a crash)."""
+        entries = []
+        for key, value in mapping.items():
+            vflag, vb = encode_value(value)
+            entries.append([encode_key(key), vflag, vb])
+        if entries:
+            self._call("put_many", entries, _ttl_ms(ttl))
+
+    def delete_many(self, keys: Iterable[Key]) -> int:
+        """Remove every key atomically; returns how many existed."""
+        encoded = [encode_key(k) for k in keys]
+        if not encoded:
+            return 0
+        return int(self._call("delete_many", encoded))
+
+    def __setitem__(self, key: Key, value: Any) -> None:
+        self.put(key, value)
+
+    def __delitem__(self, key: Key) -> None:
+        if not self.delete(key):
+            raise KeyError(key)
+
+    # ---------------------------------------------------------- operations
+
+    def ping(self) -> bool:
+        return self._call("ping") == "pong"
+
+    def stats(self) -> dict[str, Any]:
+        """The daemon's figures, plus this client's reader."""
+        stats: dict[str, Any] = self._call("stats")
+        if self._reader is not None:
+            stats["reader"] = self._reader_kind()
+        return stats
+
+    def _reader_kind(self) -> str:
+        assert self._reader is not None
+        return self._reader.kind
+
+    def compact(self) -> dict[str, Any]:
+        """Ask the daemon to compact its log now."""
+        result: dict[str, Any] = self._call("compact")
+        return result
+
+    def close(self) -> None:
+        """Close the socket and unmap the table (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            if self._pid == os.getpid():
+                self._drop_socket()
+            self._sock = None
+        self._fast_get = _closed_get
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<walcache.Client socket={str(self.socket_path)!r} table=/{self.namespace}>"
+
+
+def _closed_get(key: Key, default: Any) -> Any:
+    raise WalcacheError("this Client is closed")
+
+
+# Mutations are blind after-images: resending one after a lost reply is harmless.
+_IDEMPOTENT = frozenset(("put", "delete", "put_many", "delete_many", "get", "stats", "ping"))
+
+
+def _embedded_socket_path(data_dir: Path) -> Path:
+    return default_socket_path().parent / f"{shm_namespace(data_dir)}.sock"
+
+
+def connect(
+    data_dir: str | os.PathLike[str],
+    *,
+    socket_path: str | os.PathLike[str] | None = None,
+    timeout: float = 5.0,
+    start_timeout: float = 60.0,
+    serve_args: Iterable[str] = (),
+) -> Client:
+    """A Client for ``data_dir``, starting a daemon for it if none runs.
+
+    The daemon is started in the background (its own session, logging to
+    ``DATA_DIR/walcache.log``) and keeps running after this process exits, like
+    a service; stop it with SIGTERM to the pid in ``stats()["pid"]``.
+    """
+    ddir = Path(data_dir).resolve()
+    sock_path = Path(socket_path) if socket_path is not None else _embedded_socket_path(ddir)
+    try:
+        return Client(sock_path, timeout=timeout, data_dir=ddir)
+    except (DaemonUnavailable, TableUnavailable):
+        pass
+    ddir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    logf = open(ddir / "walcache.log", "ab")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "walcache", "serve", "--data-dir", str(ddir), "--socket", str(sock_path), *serve_args],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        logf.close()
+    deadline = time.monotonic() + start_timeout
+    while True:
+        try:
+            return Client(sock_path, timeout=timeout, data_dir=ddir)
+        except (DaemonUnavailable, TableUnavailable) as exc:
+            last: WalcacheError = exc
+        code = proc.poll()
+        if code is not None and code != 0:
+            # Another process may have won the race to start the daemon (ours then
+            # exits on the data-dir lock): keep waiting for that one to answer.
+            if not _lock_held(ddir):
+                raise DaemonUnavailable(
+                    f"the daemon for {ddir} exited with status {code}; see {ddir / 'walcache.log'}"
+                ) from None
+        if time.monotonic() > deadline:
+            raise DaemonUnavailable(
+                f"no daemon answered on {sock_path} within {start_timeout} s "
+                f"(last error: {last}); see {ddir / 'walcache.log'}"
+            )
+        time.sleep(0.02)
+
+
+def _lock_held(data_dir: Path) -> bool:
+    from ..daemon.lock import DataDirLock
+
+    lock = DataDirLock(data_dir)
+    try:
+        lock.acquire()
+    except DataDirLocked:
+        return True
+    lock.release()
+    return False

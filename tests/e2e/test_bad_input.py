@@ -1,0 +1,151 @@
+"""Garbage on the socket never stops the daemon nor touches other clients' data."""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import time
+
+import msgpack
+
+from walcache.protocol import ClientProtocol
+from walcache_testing import Workspace
+
+SEED = 7
+
+
+def raw_conn(path: str, hello: bool = True) -> tuple[socket.socket, ClientProtocol]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    proto = ClientProtocol()
+    if hello:
+        s.sendall(proto.hello()[1])
+        assert read_reply(s, proto).ok
+    return s, proto
+
+
+def read_reply(s: socket.socket, proto: ClientProtocol):  # type: ignore[no-untyped-def]
+    while True:
+        r = proto.next_reply()
+        if r is not None:
+            return r
+        data = s.recv(65536)
+        assert data, "connection closed"
+        proto.receive_data(data)
+
+
+def frame(obj: object) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return struct.pack("<I", len(body)) + body
+
+
+def test_garbage_on_the_socket_leaves_daemon_and_other_clients_alone(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    good = d.client()
+    good.put("keep", "safe")
+    rng = random.Random(SEED)
+    path = str(d.socket_path)
+    attacks = [
+        struct.pack("<I", 2**31) + b"x" * 16,  # huge length prefix
+        struct.pack("<I", 0),
+        frame([1, "put", ["not bytes", 0, b"v", None]]),  # wrong types before hello
+        frame("just a string"),
+        struct.pack("<I", 100) + b"half a frame",  # then close
+    ] + [bytes(rng.randrange(256) for _ in range(rng.randint(1, 200))) for _ in range(30)]
+    for i, payload in enumerate(attacks):
+        s, _ = raw_conn(path, hello=bool(i % 2))
+        try:
+            s.sendall(payload)
+        except OSError:
+            pass
+        s.close()
+    # Wrong types after a proper hello get an error reply and the connection lives on.
+    s, proto = raw_conn(path)
+    s.sendall(frame([50, "put", ["k", 0, b"v", None]]))
+    r = read_reply(s, proto)
+    assert r.req_id == 50 and not r.ok
+    s.sendall(frame([51, "put", [b"sk", 0, b"\xc1", None]]))  # not msgpack
+    r = read_reply(s, proto)
+    assert r.req_id == 51 and not r.ok and "malformed" in str(r.value)
+    s.sendall(proto.request("ping")[1])
+    assert read_reply(s, proto).value == "pong"
+    s.close()
+    assert d.proc is not None and d.proc.poll() is None
+    assert good.get("keep") == "safe"
+    good.put("after", 1)
+    assert good.get("after") == 1 and good.stats()["keys"] == 2
+    good.close()
+
+
+def test_pipelined_requests_keep_their_order_per_connection(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    s, proto = raw_conn(str(d.socket_path))
+    rng = random.Random(SEED)
+    sent: list[tuple[int, str]] = []
+    stream = b""
+    for i in range(300):
+        op = rng.choice(["put", "get", "ping", "delete"])
+        key = b"s" + str(rng.randrange(5)).encode()
+        if op == "put":
+            req_id, data = proto.request("put", key, 2, str(i).encode(), None)
+        elif op == "get":
+            req_id, data = proto.request("get", key)
+        elif op == "delete":
+            req_id, data = proto.request("delete", key)
+        else:
+            req_id, data = proto.request("ping")
+        sent.append((req_id, op))
+        stream += data
+    s.sendall(stream)  # all of it before reading any reply
+    model: dict[bytes, bytes] = {}
+    rng = random.Random(SEED)
+    for i, (req_id, op) in enumerate(sent):
+        r = read_reply(s, proto)
+        assert r.req_id == req_id and r.ok
+    s.close()
+    # Replaying the same choices against a dict: the final state must match.
+    for i in range(300):
+        op = rng.choice(["put", "get", "ping", "delete"])
+        key = b"s" + str(rng.randrange(5)).encode()
+        if op == "put":
+            model[key] = str(i).encode()
+        elif op == "delete":
+            model.pop(key, None)
+    with d.client() as c:
+        for k in range(5):
+            expected = model.get(b"s" + str(k).encode())
+            assert c.get(str(k)) == (expected.decode() if expected is not None else None)
+
+
+def test_reads_in_a_pipeline_see_the_writes_before_them(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    s, proto = raw_conn(str(d.socket_path))
+    stream = b""
+    for i in range(50):
+        stream += proto.request("put", b"sk", 2, str(i).encode(), None)[1]
+        stream += proto.request("get", b"sk")[1]
+    s.sendall(stream)
+    for i in range(50):
+        assert read_reply(s, proto).ok
+        r = read_reply(s, proto)
+        assert r.value == [2, str(i).encode()]
+    s.close()
+
+
+def test_allowlist_refuses_other_uids(ws: Workspace) -> None:
+    d = ws.daemon().start("--allow-uids", "4000000", wait=False)
+    for _ in range(500):
+        if d.socket_path.exists():
+            break
+        time.sleep(0.02)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(d.socket_path))
+    proto = ClientProtocol()
+    data = s.recv(65536)
+    proto.receive_data(data)
+    r = proto.next_reply()
+    assert r is not None and not r.ok and "allow_uids" in str(r.value)
+    s.close()

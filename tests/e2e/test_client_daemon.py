@@ -1,0 +1,204 @@
+"""End to end: a real daemon process, a real socket, real shared memory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+import walcache
+from walcache_testing import Workspace, unlink_segments
+
+
+def test_put_get_delete_and_mapping_protocol(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    with d.client() as c:
+        c.put("a", 1)
+        c.put(b"a", b"raw")
+        c.put(7, {"nested": [1, 2.5, None, b"x"]})
+        c["n"] = None
+        assert c.get("a") == 1
+        assert c.get(b"a") == b"raw"
+        assert c.get(7) == {"nested": [1, 2.5, None, b"x"]}
+        assert c["n"] is None and "n" in c and "missing" not in c
+        assert c.get("missing", "dflt") == "dflt"
+        with pytest.raises(KeyError):
+            c["missing"]
+        assert len(c) == 4
+        assert set(c) == {"a", b"a", 7, "n"}
+        assert c.delete("a") is True
+        assert c.delete("a") is False
+        del c["n"]
+        with pytest.raises(KeyError):
+            del c["n"]
+        assert c.get_many(["a", b"a", 7]) == {b"a": b"raw", 7: {"nested": [1, 2.5, None, b"x"]}}
+        c.put_many({f"k{i}": i for i in range(100)})
+        assert c.delete_many([f"k{i}" for i in range(50)] + ["nope"]) == 50
+        assert c.get("k49") is None and c.get("k50") == 50
+
+
+def test_another_process_reads_what_was_acknowledged(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    with d.client() as c:
+        c.put("shared", "from parent")
+    code = (
+        "import sys, walcache\n"
+        f"c = walcache.Client({str(d.socket_path)!r})\n"
+        "assert c.get('shared') == 'from parent', c.get('shared')\n"
+        "c.put('reply', 'from child')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    with d.client() as c:
+        assert c.get("reply") == "from child"
+
+
+def test_ttl_expires_and_does_not_come_back_after_restart(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    with d.client() as c:
+        c.put("short", 1, ttl=0.2)
+        c.put("long", 2, ttl=3600)
+        assert c.get("short") == 1
+        time.sleep(0.35)
+        assert c.get("short") is None and "short" not in c
+        with pytest.raises(walcache.InvalidValue):
+            c.put("bad", 1, ttl=0)
+    d.kill()
+    d.start()
+    with d.client() as c:
+        assert c.get("short") is None
+        assert c.get("long") == 2
+
+
+def test_reads_work_while_daemon_is_down_and_writes_fail_fast(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    c = d.client(timeout=2)
+    c.put("k", "v1")
+    d.kill()
+    assert c.get("k") == "v1"  # last published state, no daemon needed
+    t0 = time.monotonic()
+    with pytest.raises(walcache.DaemonUnavailable):
+        c.put("k", "v2")
+    assert time.monotonic() - t0 < 2  # failing fast, not waiting out the timeout
+    d.start()
+    c.put("k", "v3")  # the same Client reconnects...
+    assert c.get("k") == "v3"  # ...and remaps the new table
+    c.close()
+
+
+def test_sigterm_finishes_cleanly_and_removes_the_socket(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    with d.client() as c:
+        c.put_many({i: str(i) for i in range(1000)})
+    assert d.terminate() == 0
+    assert not d.socket_path.exists()
+    d.start()
+    with d.client() as c:
+        assert c.get(999) == "999" and len(c) == 1000
+
+
+def test_socket_and_segment_are_private_by_default(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    assert stat.S_IMODE(os.stat(d.socket_path).st_mode) == 0o600
+    segs = [n for n in os.listdir("/dev/shm") if n.startswith(d.namespace)]
+    assert segs
+    for n in segs:
+        assert stat.S_IMODE(os.stat("/dev/shm/" + n).st_mode) == 0o600
+
+
+def test_second_daemon_on_the_same_data_dir_is_refused(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    other = subprocess.run(
+        [sys.executable, "-m", "walcache", "serve", "--data-dir", str(d.data_dir),
+         "--socket", str(ws.root / "other.sock")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert other.returncode != 0
+    assert str(d.pid) in other.stderr  # names the pid that holds the lock
+
+
+def test_limits_answer_with_clear_errors(ws: Workspace) -> None:
+    d = ws.daemon().start("--max-key-bytes", "64", "--max-value-bytes", "1000", "--max-memory", "200K")
+    with d.client() as c:
+        with pytest.raises(walcache.KeyTooLarge, match="max_key_bytes=64"):
+            c.put("k" * 100, 1)
+        with pytest.raises(walcache.ValueTooLarge, match="max_value_bytes=1000"):
+            c.put("k", b"x" * 1001)
+        with pytest.raises(walcache.InvalidValue):
+            c.put("k", {1, 2})  # type: ignore[arg-type]
+        with pytest.raises(walcache.InvalidKey):
+            c.put(1.5, 1)  # type: ignore[arg-type]
+        stored = 0
+        with pytest.raises(walcache.CacheFull, match="max_memory"):
+            for i in range(10_000):
+                c.put(f"fill{i}", b"v" * 900)
+                stored += 1
+        assert 0 < stored < 10_000
+        assert c.get(f"fill{stored}") is None
+        c.put("fill0", b"small")  # the daemon lives on and still takes writes that fit
+    d.kill()
+    d.start("--max-key-bytes", "64", "--max-value-bytes", "1000", "--max-memory", "200K")
+    with d.client() as c:
+        # Nothing was logged for the refused put: it does not appear after recovery.
+        assert c.get(f"fill{stored}") is None
+        assert c.get(f"fill{stored - 1}") == b"v" * 900
+
+
+def test_client_survives_fork(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    c = d.client()
+    c.put("before", 1)
+    pid = os.fork()
+    if pid == 0:  # child: its own socket, the shared mapping
+        code = 1
+        try:
+            c.put("child", os.getpid())
+            code = 0 if c.get("before") == 1 else 2
+        finally:
+            os._exit(code)
+    c.put("parent", 1)  # the parent's socket is untouched by the child
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert c.get("child") == pid and c.get("parent") == 1
+    c.close()
+
+
+def test_connect_starts_a_daemon_and_reuses_it(ws: Workspace) -> None:
+    data = ws.root / "embedded"
+    sock = ws.root / "emb.sock"
+    c1 = walcache.connect(data, socket_path=sock)
+    pid = c1.stats()["pid"]
+    try:
+        c1.put("x", 1)
+        c2 = walcache.connect(data, socket_path=sock)
+        assert c2.stats()["pid"] == pid and c2.get("x") == 1
+        c2.close()
+    finally:
+        c1.close()
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(200):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        from walcache.paths import shm_namespace
+
+        unlink_segments(shm_namespace(data))
+
+
+def test_stats_report_group_commit_and_reader(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    with d.client() as c:
+        for i in range(20):
+            c.put(i, i)
+        s = c.stats()
+    assert s["pid"] == d.pid and s["keys"] == 20 and s["fsync"] == "always"
+    assert s["records"] >= 20 and s["batches"] >= 1 and s["commit_p50_us"] > 0
+    assert s["reader"] in ("c", "python", "daemon")
