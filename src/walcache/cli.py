@@ -103,15 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="print the daemon's figures as JSON")
     _add_client_options(p)
 
+    p = sub.add_parser(
+        "status",
+        help="daemon health: pid, uptime, memory, CPU, log, keys, clients, fsync latency",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object (for machines)")
+    _add_client_options(p)
+
     p = sub.add_parser("compact", help="compact the log now")
     _add_client_options(p)
 
     p = sub.add_parser(
         "check-log",
         help="verify the log of a data dir (changes nothing unless --repair)",
-        description="Read every record of the log in DIR and report what is found. "
-        "Works while no daemon runs (it takes the data-dir lock). --repair truncates "
-        "at the first corruption and lists the sequence numbers it dropped.",
+        description="Read every record of the log in DIR and report what is found, "
+        "changing nothing. --repair (only while no daemon runs: it takes the data-dir "
+        "lock) truncates at the first corruption and lists the sequence numbers it dropped.",
     )
     p.add_argument("dir", nargs="?", help="the data dir (default: the default data dir)")
     p.add_argument("--repair", action="store_true", help="truncate at the first corruption")
@@ -136,6 +143,50 @@ def _print_value(value: Any, as_json: bool) -> None:
         print(value)
 
 
+def _status(stats: dict[str, Any]) -> dict[str, Any]:
+    """The operator's view: the daemon's figures plus its process's RSS and CPU."""
+    import psutil
+
+    status: dict[str, Any] = {
+        "pid": stats["pid"],
+        "uptime_s": stats["uptime_s"],
+        "rss_bytes": None,
+        "cpu_percent": None,
+        "cpu_seconds": None,
+    }
+    try:
+        proc = psutil.Process(stats["pid"])
+        with proc.oneshot():
+            status["rss_bytes"] = proc.memory_info().rss
+            times = proc.cpu_times()
+            status["cpu_seconds"] = round(times.user + times.system, 3)
+        status["cpu_percent"] = proc.cpu_percent(interval=0.1)
+    except (psutil.Error, OSError):
+        pass  # another pid namespace or host: report what the daemon said
+    for name in (
+        "keys", "connections", "fsync", "shm_bytes", "live_bytes", "log_bytes", "max_memory",
+        "fsync_p50_us", "fsync_p99_us", "commit_p50_us", "commit_p99_us", "avg_batch",
+        "last_seqno", "reader", "last_compaction",
+    ):
+        status[name] = stats.get(name)
+    return status
+
+
+def _human(name: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if name.endswith("_bytes") and isinstance(value, int):
+        size, unit = float(value), "B"
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if size < 1024 or unit == "TiB":
+                break
+            size /= 1024
+        return f"{size:.1f} {unit}" if unit != "B" else f"{value} B"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
 def _run(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "serve":
@@ -154,15 +205,13 @@ def _run(args: argparse.Namespace) -> int:
             log.debug("option %s", line)
         return run(cfg, args=args)
     if cmd == "check-log":
-        from .daemon.lock import DataDirLock
         from .daemon.recovery import check_log
         from .paths import default_data_dir
 
         ddir = Path(args.dir) if args.dir else default_data_dir()
         if not ddir.is_dir():
             raise ConfigError(f"{ddir} is not a directory")
-        with DataDirLock(ddir):
-            report = check_log(ddir, repair=args.repair)
+        report = check_log(ddir, repair=args.repair)  # --repair takes the data-dir lock
         print(report.format())
         return EXIT_OK if report.ok or args.repair else EXIT_ERROR
     value: Any
@@ -195,6 +244,13 @@ def _run(args: argparse.Namespace) -> int:
                 print(key if isinstance(key, str) else repr(key))
         elif cmd == "stats":
             print(json.dumps(c.stats(), indent=2, sort_keys=True))
+        elif cmd == "status":
+            status = _status(c.stats())
+            if args.json:
+                print(json.dumps(status, sort_keys=True))
+            else:
+                for name, value in status.items():
+                    print(f"{name:>18}: {_human(name, value)}")
         elif cmd == "compact":
             print(json.dumps(c.compact(), indent=2, sort_keys=True))
     return EXIT_OK

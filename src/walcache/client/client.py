@@ -185,7 +185,7 @@ class Client(MutableMapping[Key, Any]):
 
     # --------------------------------------------------------------- reads
 
-    def get(self, key: Key, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: Key, default: Any = None) -> Any:
         """The value of ``key`` from shared memory, or ``default``."""
         try:
             return self._fast_get(key, default)
@@ -272,7 +272,7 @@ class Client(MutableMapping[Key, Any]):
     # ---------------------------------------------------------- operations
 
     def ping(self) -> bool:
-        return self._call("ping") == "pong"
+        return bool(self._call("ping") == "pong")
 
     def stats(self) -> dict[str, Any]:
         """The daemon's figures, plus this client's reader."""

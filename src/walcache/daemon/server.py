@@ -129,7 +129,9 @@ class _Flusher(threading.Thread):
         self.interval_s = interval_s
         self.jobs: queue.Queue[bytes | None] = queue.Queue()
         self.done: deque[tuple[BaseException | None, float]] = deque()
+        # Recent figures for stats: whole appends (write + sync) and the syncs alone.
         self.latencies: deque[float] = deque(maxlen=100_000)
+        self.sync_latencies: deque[float] = deque(maxlen=100_000)
 
     def run(self) -> None:
         while True:
@@ -147,6 +149,7 @@ class _Flusher(threading.Thread):
             if data is None:
                 return
             t0 = time.perf_counter()
+            syncs = self.writer.syncs
             err: BaseException | None = None
             try:
                 self.writer.append(data)
@@ -155,6 +158,8 @@ class _Flusher(threading.Thread):
             dt = time.perf_counter() - t0
             if err is None:
                 self.latencies.append(dt)
+                if self.writer.syncs != syncs:
+                    self.sync_latencies.append(self.writer.last_sync_seconds)
             self.done.append((err, dt))
             os.write(self.wake_fd, b"d")
 
@@ -684,11 +689,8 @@ class Daemon:
         raise ServerError("compaction is not available in this version of the daemon")
 
     def stats(self) -> dict[str, Any]:
-        lat = sorted(self.flusher.latencies)
-
-        def pct(p: float) -> float:
-            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1e6, 1) if lat else 0.0
-
+        commits = sorted(self.flusher.latencies)
+        syncs = sorted(self.flusher.sync_latencies)
         table = self.table.stats()
         return {
             "pid": os.getpid(),
@@ -704,13 +706,20 @@ class Daemon:
             "batches": self.batches,
             "records": self.batched_records,
             "avg_batch": round(self.batched_records / self.batches, 3) if self.batches else 0.0,
-            "commit_p50_us": pct(0.50),
-            "commit_p99_us": pct(0.99),
+            "commit_p50_us": _percentile_us(commits, 0.50),
+            "commit_p99_us": _percentile_us(commits, 0.99),
+            "fsyncs": self.writer.syncs,
+            "fsync_p50_us": _percentile_us(syncs, 0.50),
+            "fsync_p99_us": _percentile_us(syncs, 0.99),
+            "log_bytes": _log_bytes(self.data_dir),
+            "live_bytes": self.table.used_bytes,
+            "shm_bytes": table["segment_bytes"],
+            "max_memory": self.cfg.max_memory,
             "table": table,
         }
 
     def _status_line(self) -> str:
-        return f"serving {len(self.table)} keys"
+        return f"serving {len(self.table)} keys, log {_log_bytes(self.data_dir)} bytes"
 
     def _reload(self) -> None:
         """SIGHUP: re-read flags, environment and file; apply what may change at run time."""
@@ -777,6 +786,22 @@ class Daemon:
         self.lock.release()
         log.info("stopped (exit %d)", self.exit_code)
         return self.exit_code
+
+
+def _percentile_us(sorted_seconds: list[float], p: float) -> float:
+    if not sorted_seconds:
+        return 0.0
+    i = min(len(sorted_seconds) - 1, int(p * len(sorted_seconds)))
+    return round(sorted_seconds[i] * 1e6, 1)
+
+
+def _log_bytes(data_dir: Path) -> int:
+    """Bytes of log files (segments and snapshots) in the data dir."""
+    total = 0
+    for entry in os.scandir(data_dir):
+        if entry.name.endswith((".log", ".snap")) and entry.is_file():
+            total += entry.stat().st_size
+    return total
 
 
 def _group_id(name: str | None) -> int | None:

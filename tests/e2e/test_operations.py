@@ -1,0 +1,175 @@
+"""Operations: sd_notify from a real daemon, SIGHUP reload, the CLI, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import walcache
+from walcache.shm.reader import ShmReader
+from walcache_testing import Workspace
+
+
+def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "walcache", *args], input=stdin, capture_output=True, timeout=60
+    )
+
+
+def recv_until(sock: socket.socket, want: str, timeout: float) -> list[str]:
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            msg = sock.recv(4096).decode()
+        except socket.timeout:
+            break
+        got.append(msg)
+        if want in msg.split("\n"):
+            return got
+    raise AssertionError(f"{want} not received; got {got}")
+
+
+def test_notify_ready_after_publish_watchdog_and_stopping(ws: Workspace) -> None:
+    d = ws.daemon()
+    d.start()
+    with d.client() as c:
+        c.put_many({f"k{i}": i for i in range(500)})
+    assert d.terminate() == 0
+    notify_path = ws.root / "notify.sock"
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(str(notify_path))
+    try:
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="200000")
+        d.start(wait=False, env=env)
+        msgs = recv_until(ns, "READY=1", 30)
+        # At READY=1 the recovered table is already published by this daemon.
+        reader = ShmReader(d.namespace)
+        try:
+            assert reader.header()["writer_pid"] == d.pid
+            assert len(reader) == 500 and reader.get(b"sk499") is not None
+        finally:
+            reader.close()
+        assert not any("WATCHDOG=1" in m for m in msgs)  # nothing before READY
+        t0 = time.monotonic()
+        pings = 0
+        while pings < 4:
+            pings += sum("WATCHDOG=1" in m for m in recv_until(ns, "WATCHDOG=1", 2))
+        assert time.monotonic() - t0 < 2  # at half the 200 ms interval, not once a second
+        d.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        recv_until(ns, "STOPPING=1", 10)
+        assert d.proc.wait(10) == 0  # type: ignore[union-attr]
+    finally:
+        ns.close()
+
+
+def test_sighup_reload_changes_a_limit_without_dropping_connections(ws: Workspace) -> None:
+    conf = ws.root / "walcache.toml"
+    conf.write_text("max_value_bytes = 100\n")
+    d = ws.daemon("--config", str(conf)).start()
+    c = d.client()
+    c.put("small", b"x" * 100)
+    with pytest.raises(walcache.ValueTooLarge):
+        c.put("big", b"x" * 500)
+    conf.write_text("max_value_bytes = 1000\nlog_level = \"DEBUG\"\n")
+    os.kill(d.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            c.put("big", b"x" * 500)  # same connection as before the reload
+            break
+        except walcache.ValueTooLarge:
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.02)
+    assert c.stats()["connections"] == 1
+    assert "max_value_bytes 100 -> 1000" in d.log().replace("B", "")
+    c.close()
+
+
+def test_sighup_with_an_invalid_file_keeps_the_old_config(ws: Workspace) -> None:
+    conf = ws.root / "walcache.toml"
+    conf.write_text("max_value_bytes = 100\n")
+    d = ws.daemon("--config", str(conf)).start()
+    conf.write_text("max_value_bytes = 'lots'\n")
+    os.kill(d.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "not reloaded" not in d.log():
+        assert time.monotonic() < deadline, d.log()
+        time.sleep(0.02)
+    with d.client() as c:
+        with pytest.raises(walcache.ValueTooLarge):
+            c.put("big", b"x" * 500)
+    assert d.proc is not None and d.proc.poll() is None
+
+
+def test_cli_put_get_delete_keys_stats_status(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    sock = ["--socket", str(d.socket_path)]
+    assert cli("put", "greeting", "hello", *sock).returncode == 0
+    assert cli("put", "n", "42", "--json", *sock).returncode == 0
+    assert cli("put", "7", "seven", "--key-type", "int", *sock).returncode == 0
+    assert cli("put", "blob", "-", *sock, stdin=b"\x00\x01").returncode == 0
+    assert cli("get", "greeting", *sock).stdout == b"hello\n"
+    assert cli("get", "n", *sock).stdout == b"42\n"
+    assert cli("get", "7", "--key-type", "int", *sock).stdout == b"seven\n"
+    assert cli("get", "blob", *sock).stdout == b"\x00\x01"
+    missing = cli("get", "nope", *sock)
+    assert missing.returncode == 1 and b"not found" in missing.stderr
+    keys = cli("keys", "--prefix", "gr", *sock).stdout.decode().split()
+    assert keys == ["greeting"]
+    assert cli("delete", "greeting", *sock).returncode == 0
+    assert cli("delete", "greeting", *sock).returncode == 1
+    stats = json.loads(cli("stats", *sock).stdout)
+    assert stats["keys"] == 3 and stats["pid"] == d.pid
+    status = json.loads(cli("status", "--json", *sock).stdout)
+    assert status["pid"] == d.pid and status["keys"] == 3
+    assert status["rss_bytes"] > 0 and status["fsync_p50_us"] > 0
+    human = cli("status", *sock)
+    assert human.returncode == 0 and b"rss_bytes" in human.stdout
+
+
+def test_cli_reports_a_missing_daemon_with_exit_3(ws: Workspace) -> None:
+    r = cli("put", "k", "v", "--socket", str(ws.root / "nobody.sock"))
+    assert r.returncode == 3 and b"walcache serve" in r.stderr
+
+
+def test_cli_serve_refuses_bad_config_naming_the_source(ws: Workspace) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "walcache", "serve", "--data-dir", str(ws.root / "d")],
+        env=dict(os.environ, WALCACHE_MAX_MEMORY="12Q"), capture_output=True, timeout=60,
+    )
+    assert r.returncode == 2 and b"WALCACHE_MAX_MEMORY" in r.stderr
+
+
+def test_check_log_reports_and_repair_truncates(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    with d.client() as c:
+        for i in range(50):
+            c.put(i, "v" * 50)
+    assert d.terminate() == 0
+    ok = cli("check-log", str(d.data_dir))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    seg = sorted(d.data_dir.glob("wal-*.log"))[0]
+    data = bytearray(seg.read_bytes())
+    data[64 + 20] ^= 0xFF  # inside the first record, with valid records after it
+    seg.write_bytes(bytes(data))
+    bad = cli("check-log", str(d.data_dir))
+    assert bad.returncode == 4 and str(seg.name).encode() in bad.stdout + bad.stderr
+    refused = subprocess.run(
+        [sys.executable, "-m", "walcache", "serve", "--data-dir", str(d.data_dir),
+         "--socket", str(d.socket_path)], capture_output=True, timeout=60,
+    )
+    assert refused.returncode != 0 and seg.name.encode() in refused.stderr
+    fixed = cli("check-log", "--repair", str(d.data_dir))
+    assert fixed.returncode == 0 and b"dropped" in fixed.stdout
+    d.start()
+    with d.client() as c:
+        assert len(c) == 0  # the first record was bad: every record after it was dropped
