@@ -14,6 +14,8 @@ patching the standard library):
   OSError`` in the code under test can swallow it: the process is dead);
 * "crash" right before the n-th call of one operation (``crash_at=("rename", 1)``),
   for tests parametrized over numbered crash points;
+* process death: :meth:`FaultyFileOps.kill` closes the descriptors and keeps
+  the page cache (what was written stays readable, still not durable);
 * power loss: :meth:`FaultyFileOps.drop_unsynced` puts every file it touched
   back to what the last successful fdatasync made durable, and every directory
   back to its entries at the last fsync of that directory. With
@@ -242,7 +244,22 @@ class FaultyFileOps(FileOps):
         super().fsync_dir(path)
         self._dirs[Path(path)] = _listing(Path(path))
 
-    # ----------------------------------------------------------------- power loss
+    # ----------------------------------------------------------------- crashes
+
+    def kill(self) -> None:
+        """The process died, the machine did not: close its descriptors, keep the page cache.
+
+        Unsynced bytes stay readable (and still not durable): a later
+        :meth:`drop_unsynced` on this same object can still take them away.
+        """
+        for fd in list(self._fd_ino):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fd_ino.clear()
+        self._fd_path.clear()
+        self.crashed = False
 
     def drop_unsynced(self, *, keep_fraction: float = 0.0, sector: int = 512, seed: int | None = None) -> None:
         """Simulate a power cut: every touched file and directory reverts to its durable state.

@@ -228,12 +228,10 @@ class WalWriter:
 
     def sync_if_due(self) -> None:
         """Under ``interval``: sync if the interval has passed since the last sync."""
-        if self.policy != "interval":
-            return
         with self._lock:
             if self.failed or self.closed:
                 raise self._unusable()
-            if self._due():
+            if self.policy == "interval" and self._due():
                 self._sync_locked()
 
     def rotate(self) -> int:

@@ -1,0 +1,242 @@
+"""The writer: group commit, fsync policies, failure is final, segments, the encode/append threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from walcache import ConfigError, LogFailed
+from walcache.daemon.fileops import FaultyFileOps
+from walcache.daemon.walformat import OP_DELETE, OP_PUT, SEGMENT_HEADER_SIZE, decode_record, segment_name
+
+from .bytesurgery import all_records, records_in, salt_of, segments
+from .logmodel import recover, state_after
+
+
+def _put(i: int, size: int = 20) -> tuple[tuple[int, bytes, int, bytes, int], ...]:
+    return ((OP_PUT, b"bk%d" % i, 1, b"v" * size, 0),)
+
+
+def test_group_commit_is_one_write_and_one_fdatasync(tmp_path: Path) -> None:
+    fo = FaultyFileOps()
+    writer, _, _ = recover(tmp_path, fileops=fo)
+    writes, syncs = fo.writes, fo.fsyncs
+    datas = [writer.encode(_put(i))[1] for i in range(64)]
+    writer.append(b"".join(datas))
+    assert (fo.writes - writes, fo.fsyncs - syncs) == (1, 1)
+    assert writer.durable_seqno == writer.written_seqno == 64
+    writer.close()
+    assert [r.seqno for r in all_records(tmp_path)] == list(range(1, 65))
+
+
+def test_policy_never_leaves_syncing_to_the_os_until_close(tmp_path: Path) -> None:
+    fo = FaultyFileOps()
+    writer, _, _ = recover(tmp_path, fileops=fo, policy="never")
+    syncs = fo.fsyncs
+    for i in range(20):
+        writer.append(writer.encode(_put(i))[1])
+    writer.sync_if_due()
+    assert fo.fsyncs == syncs and writer.durable_seqno == 0
+    writer.sync()
+    assert fo.fsyncs == syncs + 1 and writer.durable_seqno == 20
+    writer.append(writer.encode(_put(99))[1])
+    writer.close()  # a clean close syncs under every policy
+    assert fo.fsyncs == syncs + 2 and fo.synced_length(tmp_path / segment_name(1)) > 0
+
+
+def test_policy_interval_syncs_once_the_interval_has_passed(tmp_path: Path) -> None:
+    fo = FaultyFileOps()
+    writer, _, _ = recover(tmp_path, fileops=fo, policy="interval", interval_ms=50)
+    syncs = fo.fsyncs
+    writer.append(writer.encode(_put(1))[1])
+    writer.append(writer.encode(_put(2))[1])
+    assert fo.fsyncs == syncs  # interval not yet over
+    writer.sync_if_due()
+    assert fo.fsyncs == syncs
+    time.sleep(0.08)
+    writer.sync_if_due()
+    assert fo.fsyncs == syncs + 1 and writer.durable_seqno == 2
+    writer.sync_if_due()  # nothing new: no sync
+    assert fo.fsyncs == syncs + 1
+    time.sleep(0.08)
+    writer.append(writer.encode(_put(3))[1])  # due at append time: synced right there
+    assert fo.fsyncs == syncs + 2 and writer.durable_seqno == 3
+    writer.close()
+
+
+def test_records_claim_what_was_durable_when_they_were_encoded(tmp_path: Path) -> None:
+    writer, _, _ = recover(tmp_path, policy="never")
+    writer.append(writer.encode(_put(1))[1])
+    writer.append(writer.encode(_put(2))[1])
+    writer.sync()
+    early = writer.encode(_put(3))[1]  # encoded after the sync of 1..2
+    writer.append(early)
+    writer.close()
+    path = tmp_path / segment_name(1)
+    buf = path.read_bytes()
+    claims = [decode_record(buf, r.offset, salt=salt_of(path)).durable_seqno for r in records_in(path)]
+    assert claims == [0, 0, 2]
+
+
+def test_failure_is_final_and_nothing_is_retried(tmp_path: Path) -> None:
+    fo = FaultyFileOps(fail_fsync_at=3)  # 1: segment creation, 2: first append, 3: second append
+    writer, _, _ = recover(tmp_path, fileops=fo)
+    writer.append(writer.encode(_put(1))[1])
+    _, data = writer.encode(_put(2))
+    with pytest.raises(LogFailed) as ei:
+        writer.append(data)
+    assert ei.value.errno == 5 and "nothing is retried" in str(ei.value)
+    assert writer.failed and writer.durable_seqno == 1
+    counts = (fo.writes, fo.fsyncs)
+    for call in (lambda: writer.append(data), writer.sync, writer.sync_if_due, writer.rotate,
+                 lambda: writer.encode(_put(3))):
+        with pytest.raises(LogFailed, match="failed earlier"):
+            call()
+    assert (fo.writes, fo.fsyncs) == counts
+    writer.close()  # closes without another sync attempt
+    assert fo.fsyncs == counts[1]
+
+
+def test_a_failed_write_fails_the_log_too(tmp_path: Path) -> None:
+    fo = FaultyFileOps()
+    writer, _, _ = recover(tmp_path, fileops=fo)
+    fo.fail_write_at = {fo.writes + 1}
+    with pytest.raises(LogFailed) as ei:
+        writer.append(writer.encode(_put(1))[1])
+    assert ei.value.errno == 5 and writer.failed
+
+
+def test_append_refuses_records_out_of_order_and_writes_nothing(tmp_path: Path) -> None:
+    fo = FaultyFileOps()
+    writer, _, _ = recover(tmp_path, fileops=fo)
+    _, d1 = writer.encode(_put(1))
+    _, d2 = writer.encode(_put(2))
+    writes = fo.writes
+    with pytest.raises(ValueError, match="seqno order"):
+        writer.append(d2)
+    with pytest.raises(ValueError, match="whole records"):
+        writer.append(d1[:-8])
+    assert fo.writes == writes and not writer.failed
+    writer.append(d1 + d2)
+    writer.append(b"")  # an empty group is a no-op
+    writer.close()
+    assert [r.seqno for r in all_records(tmp_path)] == [1, 2]
+
+
+def test_encode_touches_no_file_and_keeps_the_counter_on_bad_ops(tmp_path: Path) -> None:
+    fo = FaultyFileOps()
+    writer, _, _ = recover(tmp_path, fileops=fo)
+    before = dict(fo.calls)
+    assert writer.encode(_put(1))[0] == 1
+    assert writer.encode(_put(2))[0] == 2
+    with pytest.raises(ValueError):
+        writer.encode([(OP_PUT, b"", 0, b"v", 0)])
+    assert writer.next_seqno == 3
+    assert fo.calls == before
+    writer.close()
+
+
+def test_segments_rotate_are_trimmed_and_continue_seqnos(tmp_path: Path) -> None:
+    writer, _, _ = recover(tmp_path, segment_bytes=4096)
+    written = []
+    for i in range(100):
+        seqno, data = writer.encode(_put(i, 50))
+        written.append((seqno, _put(i, 50)))
+        writer.append(data)
+    writer.close()
+    segs = segments(tmp_path)
+    assert len(segs) >= 3
+    for a, b in zip(segs, segs[1:]):
+        ra, rb = records_in(a), records_in(b)
+        assert a.stat().st_size == ra[-1].end  # sealed segments are trimmed to their last record
+        assert rb[0].seqno == ra[-1].seqno + 1
+    # A group bigger than a segment gets a segment of its own.
+    writer, report, table = recover(tmp_path, segment_bytes=4096)
+    assert report.last_seqno == 100 and table.snapshot() == state_after(written, 100)
+    seqno, big = writer.encode(((OP_PUT, b"bbig", 0, b"x" * 10_000, 0),))
+    writer.append(big)
+    writer.close()
+    last = segments(tmp_path)[-1]
+    assert [r.seqno for r in records_in(last)] == [101]
+    assert records_in(last)[0].offset == SEGMENT_HEADER_SIZE
+
+
+def test_rotate_seals_on_demand_and_is_a_noop_on_an_empty_segment(tmp_path: Path) -> None:
+    writer, _, _ = recover(tmp_path)
+    assert writer.rotate() == 1 and len(segments(tmp_path)) == 1
+    writer.append(writer.encode(_put(1))[1])
+    assert writer.rotate() == 1
+    assert writer.segno == 2 and len(segments(tmp_path)) == 2
+    writer.append(writer.encode(_put(2))[1])
+    writer.close()
+    assert [r.seqno for r in records_in(segments(tmp_path)[1])] == [2]
+
+
+def test_close_is_idempotent_and_later_appends_fail(tmp_path: Path) -> None:
+    writer, _, _ = recover(tmp_path)
+    writer.close()
+    writer.close()
+    with pytest.raises(LogFailed, match="closed"):
+        writer.append(b"")
+    with pytest.raises(LogFailed, match="closed"):
+        writer.encode(_put(1))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"policy": "sometimes"}, "fsync policy"),
+        ({"policy": "interval", "interval_ms": 0}, "interval"),
+        ({"segment_bytes": 100}, "segment size"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_touched(tmp_path: Path, kw: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        recover(tmp_path / "d", **kw)
+    assert not (tmp_path / "d").exists()
+
+
+def test_encode_on_one_thread_append_on_another(tmp_path: Path) -> None:
+    """The daemon's shape: the loop thread encodes while the flusher appends and syncs."""
+    writer, _, _ = recover(tmp_path, policy="always")
+    queue: list[bytes] = []
+    cv = threading.Condition()
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def flusher() -> None:
+        try:
+            while True:
+                with cv:
+                    while not queue and not done.is_set():
+                        cv.wait(0.05)
+                    if not queue and done.is_set():
+                        return
+                    group = b"".join(queue)
+                    queue.clear()
+                writer.append(group)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=flusher)
+    t.start()
+    written = []
+    try:
+        for i in range(3000):
+            ops = ((OP_DELETE, b"bk%d" % (i - 1), 0, b"", 0),) if i % 7 == 0 else _put(i)
+            with cv:
+                seqno, data = writer.encode(ops)
+                queue.append(data)
+                cv.notify()
+            written.append((seqno, ops))
+    finally:
+        done.set()
+        t.join(timeout=60)
+    assert not t.is_alive() and errors == []
+    assert writer.syncs < 3000  # groups formed while syncs were in flight
+    writer.close()
+    _, report, table = recover(tmp_path)
+    assert report.last_seqno == 3000 and table.snapshot() == state_after(written, 3000)
