@@ -190,6 +190,25 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def busy_cpu_percent(seconds: float) -> float | None:
+    """How busy the machine's CPUs are over ``seconds`` while this run starts nothing:
+    before the first server and after the last one, that is other people's work."""
+    try:
+        b0, t0 = _cpu_jiffies()
+        time.sleep(seconds)
+        b1, t1 = _cpu_jiffies()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(100.0 * (b1 - b0) / max(t1 - t0, 1), 1)
+
+
 def _filesystem_of(path: str) -> str:
     best = ("", "?")
     try:
@@ -927,6 +946,7 @@ def main(argv: list[str] | None = None) -> int:
         install_missing(install_log)
 
     machine = machine_info()
+    machine["other_cpu_busy_percent_before"] = busy_cpu_percent(0.5 if params.quick else 2.0)
     state = RunState()
     all_by_id = {p.id: p for p in peers_mod.all_peers()}
     peer_rows: list[dict[str, Any]] = []
@@ -1000,7 +1020,9 @@ def main(argv: list[str] | None = None) -> int:
 
     notes = [
         f"Shared {os.cpu_count()}-core machine: client processes and servers run on the same cores (16 clients "
-        "oversubscribe them), and other work may have been running; compare peers within this run.",
+        "oversubscribe them), and other work may have been running; compare peers within this run. "
+        f"CPU busy with other work just before the run: {machine['other_cpu_busy_percent_before']}%; "
+        f"load average at start {machine['loadavg_at_start'][0]:.2f}.",
         "Latency is perf_counter_ns around each call with gc disabled in the timed loop; ops/s is all clients' "
         "operations over the wall time of the window, including the harness's own per-op cost (see harness).",
         "diskcache runs with its defaults, which do not fsync each commit: fast writes, not durable ones.",
@@ -1022,7 +1044,11 @@ def main(argv: list[str] | None = None) -> int:
         "schema": SCHEMA_VERSION,
         "date": now.isoformat(timespec="seconds"),
         "command": " ".join(["python", "bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": {**machine, "loadavg_at_end": list(os.getloadavg())},
+        "machine": {
+            **machine,
+            "other_cpu_busy_percent_after": busy_cpu_percent(0.5 if params.quick else 2.0),
+            "loadavg_at_end": list(os.getloadavg()),
+        },
         "versions": {**versions, **RUNTIME_INFO},
         "parameters": {
             "quick": params.quick,
