@@ -604,3 +604,41 @@ def test_sigkill_of_a_real_writer_loses_no_acknowledged_record(tmp_path: Path) -
         assert table.snapshot() == state_after(expected, report.last_seqno)
         acked = report.last_seqno
     assert acked > 0
+
+
+def test_check_log_repair_of_a_missing_segment_moves_the_later_ones_aside(tmp_path: Path) -> None:
+    rng = random.Random(22)
+    written = write_log(tmp_path, [random_ops(rng) for _ in range(150)], segment_bytes=4096)
+    segs = segments(tmp_path)
+    assert len(segs) >= 4
+    last_of_first = records_in(segs[0])[-1].seqno
+    gone = records_in(segs[1])
+    segs[1].unlink()
+    with pytest.raises(LogCorrupt) as ei:
+        recover(tmp_path)
+    assert ei.value.path == str(segs[2])
+    report = check_log(tmp_path, repair=True)
+    assert report.dropped_seqnos == (last_of_first + 1, 150)
+    assert report.intact_after == list(range(gone[-1].seqno + 1, 151))  # segment 2's records are simply gone
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("wal-") and p.name.endswith(".log")] == [segs[0].name]
+    _expect_prefix(tmp_path, written, last_of_first)
+
+
+def test_check_log_repair_of_records_missing_at_the_end_of_a_sealed_segment(tmp_path: Path) -> None:
+    rng = random.Random(23)
+    written = write_log(tmp_path, [random_ops(rng) for _ in range(150)], segment_bytes=4096)
+    segs = segments(tmp_path)
+    recs = records_in(segs[0])
+    zero_range(segs[0], recs[-2].offset, recs[-1].end)  # looks like a clean end, two records short
+    report = check_log(tmp_path)
+    assert report.verdict == "corrupt" and report.problem is not None and report.problem.kind == "seqno-gap"
+    report = check_log(tmp_path, repair=True)
+    assert report.dropped_seqnos == (recs[-2].seqno, 150)
+    _expect_prefix(tmp_path, written, recs[-2].seqno - 1)
+    # The log goes on: the next record reuses no dropped file name and continues the seqnos.
+    writer, _, _ = recover(tmp_path, segment_bytes=4096)
+    for i in range(60):
+        writer.append(writer.encode([(OP_PUT, b"bz%d" % i, 0, b"q" * 80, 0)])[1])
+    writer.close()
+    _, report2, _ = recover(tmp_path)
+    assert report2.last_seqno == recs[-2].seqno - 1 + 60

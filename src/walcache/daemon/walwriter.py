@@ -30,8 +30,9 @@ acknowledging; a restart recovers from what reached the disk.
 
 Space. Segment files grow in zero-filled extents (``EXTENT_BYTES``): records
 then overwrite allocated blocks, so an fdatasync has no size or extent change
-to journal (25-45 % cheaper here: 75-85 us vs 113-115 us p50 measured on this
-disk), and running out of space shows up when an extent is added.
+to journal (about 30 % cheaper on the target disk: fdatasync p50 74-84 us vs
+113-120 us for a growing file, bench/bench_wal.py), and running out of space
+shows up when an extent is added rather than in the middle of a group.
 
 Segments. ``append`` seals the current segment and starts the next when the
 group would not fit in ``segment_bytes`` (a group never straddles segments; a
