@@ -2,7 +2,7 @@
 """The write-ahead log on this machine's disk: fsync cost, append rates, replay speed.
 
     python bench/bench_wal.py                  # data in ./data-bench (removed afterwards)
-    python bench/bench_wal.py --dir /var/tmp/x # measure another disk
+    python bench/bench_wal.py --dir DIR     # measure the disk DIR is on
     python bench/bench_wal.py --quick          # smaller counts, same outputs
 
 Measures, in order:

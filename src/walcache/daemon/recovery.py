@@ -49,13 +49,14 @@ changes nothing; with ``repair=True`` it truncates at the first corruption,
 keeps the dropped bytes in ``*.corrupt-<ns>`` files, and reports exactly which
 seqnos were dropped.
 
-Opening, in steps: (1) delete ``wal-*.log.tmp`` left by a crash during segment
-creation, fsync the directory; (2) replay every segment through ``apply_fn``
-(cyclic GC paused: replay allocates millions of objects and creates no
-cycles); (3) classify the first problem as above; (4) zero a torn tail, or raise;
-(5) fdatasync the newest segment, so that everything replayed is durable
-before new records claim it is; (6) hand a WalWriter positioned after the last
-good record to the caller. An empty data dir gets segment 1 with a new salt.
+Opening, in steps: (1) replay every segment through ``apply_fn`` (cyclic GC
+paused: replay allocates millions of objects and creates no cycles); (2)
+classify the first problem as above, and raise on corruption; (3) delete
+``wal-*.log.tmp`` left by a crash during segment creation, fsync the
+directory; (4) zero a torn tail; (5) fdatasync the newest segment, so that
+everything replayed is durable before new records claim it is; (6) hand a
+WalWriter positioned after the last good record to the caller. An empty data
+dir gets segment 1 with a new random salt.
 
 Known limit: after an fdatasync error, Linux may keep the unsynced pages in
 its cache marked clean; a restart without a reboot then replays records that
@@ -150,7 +151,7 @@ def classify(scan: LogScan, fileops: FileOps | None = None) -> Verdict:
     buf = fo.read_file(p.path)
     salt = _salt_of(buf)
     end = nonzero_end(buf, p.offset)
-    later = find_intact_records(buf, p.offset + 8, len(buf), salt=salt or 0) if salt is not None else []
+    later = [] if salt is None else find_intact_records(buf, p.offset + 8, len(buf), salt=salt)
     if not p.final:
         return Verdict(
             "corrupt", p, "it is not in the newest segment, and older segments were synced whole",
@@ -258,7 +259,6 @@ def open_log(
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     report = RecoveryReport()
-    report.removed_tmp = _remove_tmp(fo, data_dir)
 
     with _gc_paused():
         scan = read_log(data_dir, apply_fn, fileops=fo)
@@ -267,6 +267,7 @@ def open_log(
         err = _corrupt_error(data_dir, verdict)
         log.error("%s", err)
         raise err
+    report.removed_tmp = _remove_tmp(fo, data_dir)
     report.records = scan.records
     report.first_seqno = scan.first_seqno
     report.last_seqno = scan.last_seqno
