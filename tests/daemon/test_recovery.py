@@ -506,6 +506,7 @@ def test_check_log_reports_and_changes_nothing(tmp_path: Path) -> None:
     assert not bad.ok and bad.verdict == "corrupt"
     assert bad.problem is not None and bad.problem.path == segs[1] and bad.problem.offset == r.offset
     assert dir_fingerprint(tmp_path) == before
+    assert bad.unread_segments == [p.name for p in segs[2:]]
     text = bad.format()
     assert str(segs[1]) in text and f"offset {r.offset}" in text and "CORRUPT" in text
     assert f"repair drops seqnos {r.seqno}-149" in text

@@ -348,6 +348,7 @@ class CheckReport:
     intact_after: list[int] = field(default_factory=list)  # seqnos of intact records past the problem
     dropped_seqnos: tuple[int, int] | None = None  # first, last (inclusive)
     tmp_files: list[str] = field(default_factory=list)
+    unread_segments: list[str] = field(default_factory=list)  # after the problem: not replayed
     repaired: bool = False
     actions: list[str] = field(default_factory=list)
 
@@ -363,6 +364,8 @@ class CheckReport:
         for s in self.segments:
             span = f"seqnos {s.first_seqno}-{s.last_seqno}" if s.records else "no records"
             lines.append(f"  {s.path.name}: {s.records} records, {span}, {s.size} bytes, records end at {s.end}")
+        if self.unread_segments:
+            lines.append(f"  not replayed (after the damage): {', '.join(self.unread_segments)}")
         for t in self.tmp_files:
             lines.append(f"  {t}: leftover of an interrupted segment creation (removed on open)")
         p = self.problem
@@ -436,6 +439,8 @@ def check_log(data_dir: Path, *, repair: bool = False, fileops: FileOps | None =
         report.problem = verdict.problem
         report.reason = verdict.reason
         p = verdict.problem
+        read = {s.path for s in scan.segments}
+        report.unread_segments = [path.name for _, path in list_segments(data_dir, fo) if path not in read]
         later_paths: list[Path] = []
         if p is not None:
             report.damaged_bytes = max(0, verdict.damaged_end - p.offset)
