@@ -360,6 +360,26 @@ def test_power_loss_with_never_still_recovers_a_prefix(tmp_path: Path, seed: int
     assert table.snapshot() == state_after(written, report.last_seqno)
 
 
+def test_records_replayed_after_a_kill_are_made_durable_before_the_log_reopens(tmp_path: Path) -> None:
+    # The daemon publishes what it replays: a later power cut must not take it back.
+    fo = FaultyFileOps()  # one object = one machine, across the process restart
+    writer, _, _ = recover(tmp_path, fileops=fo, policy="never")
+    written: list[Record] = []
+    for i in range(30):
+        ops = ((OP_PUT, b"bk%d" % i, 0, b"v" * 90, 0),)
+        seqno, data = writer.encode(ops)
+        writer.append(data)
+        written.append((seqno, ops))
+    assert writer.durable_seqno == 0  # nothing synced yet: all of it lives in the page cache
+    fo.kill()
+    w2, report, _ = recover(tmp_path, fileops=fo, policy="never")
+    assert report.last_seqno == 30
+    fo.drop_unsynced()  # power cut right after the restart
+    w3, report2, table = recover(tmp_path)
+    w3.close()
+    assert report2.last_seqno == 30 and table.snapshot() == state_after(written, 30)
+
+
 @pytest.mark.parametrize("power_loss", [False, True])
 def test_eio_on_fsync_fails_the_append_and_every_later_one(tmp_path: Path, power_loss: bool) -> None:
     fo = FaultyFileOps(fail_fsync_at=1 + 7)  # the first fdatasync creates segment 1; then one per append

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -240,3 +241,58 @@ def test_encode_on_one_thread_append_on_another(tmp_path: Path) -> None:
     writer.close()
     _, report, table = recover(tmp_path)
     assert report.last_seqno == 3000 and table.snapshot() == state_after(written, 3000)
+
+
+def test_a_new_log_makes_its_segment_and_its_data_dir_durable(tmp_path: Path) -> None:
+    fo = FaultyFileOps()
+    d = tmp_path / "new" / "data"
+    writer, _, _ = recover(d, fileops=fo)
+    writer.close()
+    assert fo.dirs_synced == [d, d.resolve().parent]
+    fo2 = FaultyFileOps()
+    writer, _, _ = recover(d, fileops=fo2)  # an existing log: no directory changes, no directory fsync
+    writer.close()
+    assert fo2.dirs_synced == []
+
+
+def test_power_loss_model_reverts_only_files_the_seam_touched(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    d.mkdir()
+    before = {tmp_path / "neighbour-old": b"old", d / "LOCKISH": b"pid"}
+    for p, content in before.items():
+        p.write_bytes(content)
+    fo = FaultyFileOps()
+    writer, _, _ = recover(d, fileops=fo)  # fsyncs d and its parent (tmp_path)
+    after = {tmp_path / "neighbour-new": b"new", d / "made-later": b"x"}
+    for p, content in after.items():
+        p.write_bytes(content)
+    writer.append(writer.encode(_put(1))[1])  # synced (always)
+    writer.close()
+    seg = d / segment_name(1)
+    synced = seg.read_bytes()
+    with open(seg, "r+b") as f:  # an unsynced change made outside the seam to a touched file
+        f.seek(SEGMENT_HEADER_SIZE + 500)
+        f.write(b"unsynced")
+    (d / "wal-0000000000000002.log.tmp").write_bytes(b"junk")  # untouched by the seam
+    fo.drop_unsynced()
+    for p, content in {**before, **after}.items():
+        assert p.read_bytes() == content, p
+    assert (d / "wal-0000000000000002.log.tmp").read_bytes() == b"junk"
+    assert seg.read_bytes() == synced  # the touched file lost its unsynced change
+
+
+def test_power_loss_model_reverts_an_unsynced_rename(tmp_path: Path) -> None:
+    fo = FaultyFileOps()
+    a, b = tmp_path / "a", tmp_path / "b"
+    fd = fo.open(a, os.O_RDWR | os.O_CREAT)
+    fo.pwrite_all(fd, b"hello", 0)
+    fo.fdatasync(fd)
+    fo.close(fd)
+    fo.fsync_dir(tmp_path)
+    fo.rename(a, b)  # no directory fsync after it
+    fo.drop_unsynced()
+    assert a.read_bytes() == b"hello" and not b.exists()
+    fo.rename(a, b)
+    fo.fsync_dir(tmp_path)
+    fo.drop_unsynced()
+    assert b.read_bytes() == b"hello" and not a.exists()

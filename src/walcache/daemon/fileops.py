@@ -17,8 +17,9 @@ patching the standard library):
 * process death: :meth:`FaultyFileOps.kill` closes the descriptors and keeps
   the page cache (what was written stays readable, still not durable);
 * power loss: :meth:`FaultyFileOps.drop_unsynced` puts every file it touched
-  back to what the last successful fdatasync made durable, and every directory
-  back to its entries at the last fsync of that directory. With
+  back to what the last successful fdatasync made durable, and the directory
+  entries of those files back to what the last fsync of their directory made
+  durable. Files it never touched are left alone, whatever directory they share. With
   ``keep_fraction > 0`` a random subset of the unsynced 512-byte sectors (and
   possibly the new size) survive, the way a disk may have written some of the
   page cache back before the power went.
@@ -131,6 +132,7 @@ class FaultyFileOps(FileOps):
         # Counters tests assert on.
         self.fsyncs = 0  # fdatasync calls, failed ones included
         self.dir_fsyncs = 0
+        self.dirs_synced: list[Path] = []
         self.writes = 0  # pwrite calls
         self.bytes_written = 0
         self.crashed = False
@@ -139,6 +141,9 @@ class FaultyFileOps(FileOps):
         self._fd_path: dict[int, Path] = {}
         self._durable: dict[int, bytes] = {}  # ino -> content at its last good fdatasync
         self._dirs: dict[Path, dict[str, int]] = {}  # dir -> durable entries (name -> ino)
+        # Only names this object opened, created, renamed or unlinked are ever reverted: a power
+        # cut is simulated for the files under test, never for anything else in their directories.
+        self._touched: dict[Path, set[str]] = {}
 
     # ----------------------------------------------------------------- helpers
 
@@ -153,12 +158,14 @@ class FaultyFileOps(FileOps):
             self.crashed = True
             raise SimulatedCrash(f"crash before {op} #{n}")
 
-    def _track_dir(self, d: Path) -> None:
+    def _touch(self, path: Path) -> None:
+        d, name = path.parent, path.name
         if d not in self._dirs:
-            self._dirs[d] = _listing(d)
-            for name, ino in self._dirs[d].items():
-                # Found on disk when we first looked: durable as found.
-                self._durable.setdefault(ino, _read(d / name))
+            self._dirs[d] = _listing(d)  # entries found at the first touch are durable as found
+        self._touched.setdefault(d, set()).add(name)
+        ino = self._dirs[d].get(name)
+        if ino is not None and ino not in self._durable and path.exists() and os.stat(path).st_ino == ino:
+            self._durable[ino] = _read(path)  # a file found on disk: durable as found
 
     def synced_length(self, path: Path) -> int:
         """Length of ``path``'s content that the last good fdatasync made durable."""
@@ -169,7 +176,7 @@ class FaultyFileOps(FileOps):
     def open(self, path: Path, flags: int, mode: int = 0o644) -> int:
         self._enter("open")
         path = Path(path)
-        self._track_dir(path.parent)
+        self._touch(path)
         existed = path.exists()
         fd = super().open(path, flags, mode)
         ino = os.fstat(fd).st_ino
@@ -229,18 +236,19 @@ class FaultyFileOps(FileOps):
 
     def rename(self, src: Path, dst: Path) -> None:
         self._enter("rename")
-        self._track_dir(Path(src).parent)
-        self._track_dir(Path(dst).parent)
+        self._touch(Path(src))
+        self._touch(Path(dst))
         super().rename(src, dst)
 
     def unlink(self, path: Path) -> None:
         self._enter("unlink")
-        self._track_dir(Path(path).parent)
+        self._touch(Path(path))
         super().unlink(path)
 
     def fsync_dir(self, path: Path) -> None:
         self._enter("fsync_dir")
         self.dir_fsyncs += 1
+        self.dirs_synced.append(Path(path))
         super().fsync_dir(path)
         self._dirs[Path(path)] = _listing(Path(path))
 
@@ -262,7 +270,7 @@ class FaultyFileOps(FileOps):
         self.crashed = False
 
     def drop_unsynced(self, *, keep_fraction: float = 0.0, sector: int = 512, seed: int | None = None) -> None:
-        """Simulate a power cut: every touched file and directory reverts to its durable state.
+        """Simulate a power cut: every file this object touched reverts to its durable state.
 
         Open descriptors are closed (the process died with the machine). With
         ``keep_fraction`` > 0 each unsynced sector that differs survives with
@@ -276,23 +284,29 @@ class FaultyFileOps(FileOps):
                 pass
         self._fd_ino.clear()
         self._fd_path.clear()
-        for d, durable_entries in self._dirs.items():
+        for d, names in self._touched.items():
+            durable_entries = self._dirs.get(d, {})
             current = _listing(d)
-            for name, ino in current.items():
-                if durable_entries.get(name) != ino:
-                    os.unlink(d / name)  # its directory entry never became durable
-            for name, ino in durable_entries.items():
+            for name in sorted(names):
                 path = d / name
-                content = self._durable.get(ino, b"")
-                if current.get(name) == ino:
+                cur, dur = current.get(name), durable_entries.get(name)
+                if cur is not None and cur != dur:
+                    os.unlink(path)  # this directory entry never became durable
+                    cur = None
+                if dur is None:
+                    continue
+                content = self._durable.get(dur, b"")
+                if cur == dur:
                     content = _mix(content, _read(path), keep_fraction, sector, rng)
                 with open(path, "wb") as f:  # same inode if it still exists, else a new file
                     f.write(content)
                     f.flush()
                     os.fsync(f.fileno())
             self._dirs[d] = _listing(d)
-            for name, ino in self._dirs[d].items():
-                self._durable[ino] = _read(d / name)
+            for name in names:
+                ino = self._dirs[d].get(name)
+                if ino is not None:
+                    self._durable[ino] = _read(d / name)
         self.crashed = False
 
 

@@ -279,6 +279,12 @@ def open_log(
         extent = min(EXTENT_BYTES, segment_bytes)
         fd, path = create_segment(fo, data_dir, 1, 1, salt, extent)
         segno, offset, last = 1, SEGMENT_HEADER_SIZE, 0
+        # A new log may sit in a data dir created moments ago: its entry lives in the parent.
+        try:
+            fo.fsync_dir(data_dir.resolve().parent)
+        except PermissionError as exc:
+            log.warning("could not fsync %s (%s): a power cut soon after may lose the new data dir",
+                        data_dir.resolve().parent, exc)
     else:
         final = scan.segments[-1]
         path, segno, salt, offset, last = final.path, final.segno, final.salt, final.end, final.last_seqno
