@@ -77,7 +77,7 @@ def encode_key(key: object) -> bytes:
     """The stored form of ``key``: a tag byte and the payload."""
     t = type(key)
     if t is str:
-        return b"s" + key.encode()  # type: ignore[attr-defined]
+        return b"s" + str.encode(key)  # type: ignore[arg-type]
     if t is bytes:
         return b"b" + key  # type: ignore[operator]
     if t is int:
@@ -121,7 +121,7 @@ def encode_value(value: Any) -> tuple[int, bytes]:
     """(vflag, bytes) for ``value``."""
     t = type(value)
     if t is bytes:
-        return VFLAG_BYTES, value  # type: ignore[no-any-return]
+        return VFLAG_BYTES, value
     if t is str:
         return VFLAG_STR, value.encode()
     try:

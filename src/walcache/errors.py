@@ -162,7 +162,7 @@ _CODE_OF: dict[type[WalcacheError], str] = {cls: code for code, cls in WIRE_CODE
 def wire_code(exc: BaseException) -> str:
     """The wire code for ``exc`` (its nearest listed class; ``server`` otherwise)."""
     for cls in type(exc).__mro__:
-        code = _CODE_OF.get(cls)  # type: ignore[arg-type]
+        code = _CODE_OF.get(cls)
         if code is not None:
             return code
     return "server"

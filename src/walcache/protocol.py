@@ -134,7 +134,7 @@ OPS: dict[str, tuple[Any, ...]] = {
 
 
 def encode_frame(message: Any) -> bytes:
-    body = msgpack.packb(message, use_bin_type=True)
+    body: bytes = msgpack.packb(message, use_bin_type=True)
     return FRAME_HEADER.pack(len(body)) + body
 
 
