@@ -11,7 +11,7 @@ setup(
         Extension(
             "walcache.shm._creader",
             sources=["src/walcache/shm/_creader.c"],
-            extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+            extra_compile_args=["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
             optional=True,
         )

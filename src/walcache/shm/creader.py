@@ -150,10 +150,13 @@ class CReader(_Base):
         py = self._py
         if py is None:
             return 0
-        if py._q[H_STALE]:
-            # Counts of a retired segment are frozen: follow the table first, as a get would.
-            self._remap()
-        return len(py)
+        # The ShmReader follows a stale table first (its counts are frozen), which
+        # unmaps the old segment: our export must be gone by then.
+        self._detach()
+        try:
+            return len(py)
+        finally:
+            self._attach_current()
 
     def iter_entries(self) -> Iterator[tuple[bytes, int, bytes, int, int]]:
         """(key, vflag, value, seqno, expiry_ms) of every live, unexpired entry.
