@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from walcache import ReadContention
+from walcache import ReadContention, TableUnavailable
 from walcache.shm.creader import CReader
 
 from shm.helpers import check_value
@@ -63,7 +63,7 @@ def _reader_c(namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wa
     names = {r.header()["name"]}
 
     def verify(kid: int, value: object) -> None:
-        nonlocal reads, bad, hot_reads, churn_hits
+        nonlocal reads, hot_reads, churn_hits
         reads += 1
         hot_reads += kid < HOT
         churn_hits += kid >= HOT and value is not None
@@ -74,11 +74,15 @@ def _reader_c(namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wa
         else:
             err = check_value(kid, value)
         if err:
-            bad += 1
-            with bad_count.get_lock():
-                bad_count.value += 1
-            if len(examples) < 5:
-                examples.append(f"key {kid}: {err}")
+            record_bad(f"key {kid}: {err}")
+
+    def record_bad(what: str) -> None:
+        nonlocal bad
+        bad += 1
+        with bad_count.get_lock():
+            bad_count.value += 1
+        if len(examples) < 5:
+            examples.append(what)
 
     while not stop.is_set():
         g = wave.value
@@ -99,6 +103,12 @@ def _reader_c(namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wa
                     verify(kid, r.lookup(key))
             except ReadContention:
                 contention += 1
+            except TableUnavailable as exc:
+                if not unsafe:
+                    raise  # a consistent copy of a healthy table never looks corrupt
+                # Without the seqlock a torn record can look corrupt (a half-written
+                # value that does not decode): that is a bad read too.
+                record_bad(f"corrupt-looking copy: {exc}")
         names.add(str(r.header()["name"]))
     out.put({"role": "reader", "reads": reads, "hot_reads": hot_reads, "churn_hits": churn_hits, "bad": bad, "batched": batched,
              "contention": contention, "examples": examples, "segments_seen": len(names),
