@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import sysconfig
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,3 +128,23 @@ def test_an_extension_built_for_another_layout_version_is_refused(table: ShmTabl
     assert out[0].startswith(str(src))
     assert out[1] == "python {'v': 1}"
     assert "layout version 99" in out[2]
+
+
+@requires_c
+@pytest.mark.parametrize("pure", ["", "1"], ids=["compiled", "pure-python"])
+def test_client_stats_and_walcache_stats_say_which_reader_runs(ws: Any, pure: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real daemon; the client reads its table through whichever reader open_reader chose.
+    monkeypatch.setenv("WALCACHE_PURE_PYTHON", pure)
+    expected = "python" if pure else "c"
+    d = ws.daemon().start()
+    with d.client() as c:
+        c.put("k", [1, "two"])
+        c.put(b"b", b"raw")
+        assert c.get("k") == [1, "two"] and c[b"b"] == b"raw" and c.get("absent") is None
+        assert c.stats()["reader"] == expected
+    out = subprocess.run(
+        [sys.executable, "-m", "walcache", "stats", "--socket", str(d.socket_path)],
+        env=dict(os.environ, WALCACHE_PURE_PYTHON=pure), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["reader"] == expected
