@@ -9,7 +9,8 @@ ShmReader.get (encoded key -> (vflag, bytes)) over uniformly random keys, quiet 
 that writer running, and in the same run an in-process dict.get over the same keys and
 LMDB's get (a new read transaction per get). Per-get latencies are timed one by one
 (perf_counter_ns around each call; the timer's own cost is printed), rounds of the
-variants are interleaved so that machine noise hits them alike. Also printed: memory
+variants are interleaved (order rotated, caches evicted before every pass) so that
+machine noise and cache warmth hit them alike. Also printed: memory
 per entry beyond key and value, the cost of each step of one lookup, and whether
 overwriting N keys ten times grows the segment. Results go to
 bench/results/get-<date>.json.
@@ -29,12 +30,14 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
 import lmdb
 
+from walcache import ReadContention
 from walcache.codec import encode_key
 from walcache.shm import ShmReader, ShmTable, layout
 
@@ -96,13 +99,21 @@ def _writer(namespace: str, n: int, seed: int, conn: Connection, stop: Any, pin:
 
 # -- the measuring process ------------------------------------------------------------------
 
+_contention = [0]
+
+
 def _per_get(fn: Callable[[Any], Any], keys: list[Any]) -> list[int]:
+    # A get that runs out of bounded retries raises ReadContention (the client would ask
+    # the daemon): counted, and its time kept in the sample.
     clock = time.perf_counter_ns
     out = [0] * len(keys)
     i = 0
     for k in keys:
         t0 = clock()
-        fn(k)
+        try:
+            fn(k)
+        except ReadContention:
+            _contention[0] += 1
         out[i] = clock() - t0
         i += 1
     return out
@@ -111,7 +122,10 @@ def _per_get(fn: Callable[[Any], Any], keys: list[Any]) -> list[int]:
 def _batch_ns(fn: Callable[[Any], Any], keys: list[Any]) -> float:
     t0 = time.perf_counter_ns()
     for k in keys:
-        fn(k)
+        try:
+            fn(k)
+        except ReadContention:
+            _contention[0] += 1
     return (time.perf_counter_ns() - t0) / len(keys)
 
 
@@ -127,14 +141,27 @@ def _summary(samples: list[int], batches: list[float]) -> dict[str, float]:
     }
 
 
+_SCRATCH = bytearray(64 << 20)  # twice the L3 of the machines we develop on
+
+
+def _evict_caches() -> None:
+    # Read 64 MiB so that no variant starts with the previous one's data still cached
+    # (each pass reads the same keys: the one after would otherwise run warm).
+    _SCRATCH.find(b"\x01")
+
+
 def _measure(variants: dict[str, tuple[Callable[[Any], Any], list[Any]]], rounds: int) -> dict[str, dict[str, float]]:
     samples: dict[str, list[int]] = {name: [] for name in variants}
     batches: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
     gc.disable()
     try:
-        for _ in range(rounds):
-            for name, (fn, keys) in variants.items():
+        for rnd in range(rounds):
+            for name in names[rnd % len(names) :] + names[: rnd % len(names)]:  # rotate the order
+                fn, keys = variants[name]
+                _evict_caches()
                 samples[name] += _per_get(fn, keys)
+                _evict_caches()
                 batches[name].append(_batch_ns(fn, keys))
     finally:
         gc.enable()
@@ -239,11 +266,12 @@ def _steps(r: ShmReader, sample: list[bytes]) -> list[tuple[str, float]]:
         ("expiry word + seq re-read (validate)", s6),
         ("ShmReader.lookup (all + decode + expiry test)", r.lookup),  # type: ignore[list-item]
     ]
+    totals: dict[str, list[float]] = {name: [] for name, _ in names}
     gc.disable()
     try:
-        totals = {name: [_batch_ns(fn, sample) for _ in range(1)] for name, fn in names}
-        for _ in range(4):
+        for _ in range(5):
             for name, fn in names:
+                _evict_caches()
                 totals[name].append(_batch_ns(fn, sample))
     finally:
         gc.enable()
@@ -257,6 +285,14 @@ def _steps(r: ShmReader, sample: list[bytes]) -> list[tuple[str, float]]:
 
 
 def _reader_proc(namespace: str, n: int, seed: int, gets: int, rounds: int, lmdb_path: str, conn: Connection, pin: bool) -> None:
+    try:
+        _reader_phases(namespace, n, seed, gets, rounds, lmdb_path, conn, pin)
+    except BaseException:
+        conn.send({"error": traceback.format_exc()})
+        raise
+
+
+def _reader_phases(namespace: str, n: int, seed: int, gets: int, rounds: int, lmdb_path: str, conn: Connection, pin: bool) -> None:
     if pin:
         _pin(0)
     keys, values = _dataset(n, seed)
@@ -285,8 +321,9 @@ def _reader_proc(namespace: str, n: int, seed: int, gets: int, rounds: int, lmdb
         rounds,
     )
     steps = _steps(r, sample[: min(gets, 40_000)])
-    conn.send({"quiet": quiet, "steps": steps, "timer_ns": _timer_overhead()})
+    conn.send({"quiet": quiet, "steps": steps, "timer_ns": _timer_overhead(), "contention": _contention[0]})
     assert conn.recv() == "measure"
+    _contention[0] = 0
     busy = _measure(
         {
             "dict.get": (d.get, sample),
@@ -295,7 +332,7 @@ def _reader_proc(namespace: str, n: int, seed: int, gets: int, rounds: int, lmdb
         },
         rounds,
     )
-    conn.send({"writer": busy, "header": r.header()})
+    conn.send({"writer": busy, "header": r.header(), "contention": _contention[0]})
     r.close()
     env.close()
 
@@ -351,6 +388,17 @@ def _overwrite(n: int, seed: int) -> dict[str, Any]:
 
 # -- main -------------------------------------------------------------------------------------
 
+def _recv(conn: Connection, proc: Any, what: str) -> Any:
+    """The next message from ``proc``; never waits on a process that is gone."""
+    while not conn.poll(1.0):
+        if not proc.is_alive():
+            raise RuntimeError(f"the {what} process exited (code {proc.exitcode}) without reporting")
+    msg = conn.recv()
+    if isinstance(msg, dict) and "error" in msg:
+        raise RuntimeError(f"the {what} process failed:\n{msg['error']}")
+    return msg
+
+
 def _machine() -> dict[str, Any]:
     model = ""
     try:
@@ -404,20 +452,20 @@ def main(argv: list[str] | None = None) -> int:
             w = ctx.Process(target=_writer, args=(namespace, n, args.seed, wchild, stop, pin), daemon=True)
             procs.append(w)
             w.start()
-            built = wconn.recv()
+            built = _recv(wconn, w, "writer")
             _build_lmdb(lmdb_dir, n, args.seed)
             r = ctx.Process(
                 target=_reader_proc, args=(namespace, n, args.seed, gets, rounds, lmdb_dir, rchild, pin), daemon=True
             )
             procs.append(r)
             r.start()
-            quiet = rconn.recv()
+            quiet = _recv(rconn, r, "reader")
             wconn.send("write")
             time.sleep(0.2)
             rconn.send("measure")
-            busy = rconn.recv()
+            busy = _recv(rconn, r, "reader")
             stop.set()
-            wres = wconn.recv()
+            wres = _recv(wconn, w, "writer")
             wconn.send("exit")
             for p in procs:
                 p.join(60)
@@ -431,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     results["with_writer"] = busy["writer"]
     results["writer"] = {"writes_per_s": round(wres["writes"] / wres["seconds"]), "build_s": round(built["build_s"], 2)}
     results["timer_overhead_ns"] = quiet["timer_ns"]
+    results["read_contention"] = {"quiet": quiet["contention"], "with_writer": busy["contention"]}
     results["steps_ns"] = quiet["steps"]
     results["memory"] = {
         "entries": st["live"],
@@ -468,7 +517,10 @@ def _print(res: dict[str, Any]) -> None:
                 f"| {name:<22} | {label:<7} | {s['median_ns']:>9} | {s['p99_ns']:>7} | {s['p999_ns']:>8} | "
                 f"{s['batch_mean_ns']:>14.0f} | {s['median_ns'] / dict_q:>10.2f} | {s['median_ns'] / lmdb_q:>6.2f} |"
             )
-    print(f"\nconcurrent writer: {res['writer']['writes_per_s']:,} puts/s (random keys, same-size values)")
+    print(
+        f"\nconcurrent writer: {res['writer']['writes_per_s']:,} puts/s (random keys, same-size values); "
+        f"gets that ran out of retries (ReadContention): {res['read_contention']}"
+    )
     mem = res["memory"]
     print(
         f"\nmemory beyond key+value per entry: {mem['overhead_per_entry_committed']} B of committed shared memory "
