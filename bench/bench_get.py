@@ -188,7 +188,7 @@ def _steps(r: ShmReader, sample: list[bytes]) -> list[tuple[str, float]]:
 
     def s1(key: bytes) -> object:
         t = type(key)
-        if t is str:
+        if t is str:  # type: ignore[comparison-overlap]
             return None
         return b"b" + key
 
@@ -264,7 +264,7 @@ def _steps(r: ShmReader, sample: list[bytes]) -> list[tuple[str, float]]:
         ("record: seq + lens loads, bounds", s4),
         ("key slice + compare, value slice (copy)", s5),
         ("expiry word + seq re-read (validate)", s6),
-        ("ShmReader.lookup (all + decode + expiry test)", r.lookup),  # type: ignore[list-item]
+        ("ShmReader.lookup (all + decode + expiry test)", r.lookup),
     ]
     totals: dict[str, list[float]] = {name: [] for name, _ in names}
     gc.disable()
