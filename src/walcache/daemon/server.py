@@ -88,14 +88,14 @@ def _now_ms() -> int:
 
 
 class _Conn:
-    __slots__ = ("sock", "proto", "out", "inflight", "reading", "closing", "uid", "pid", "name")
+    __slots__ = ("sock", "proto", "out", "inflight", "events", "closing", "uid", "pid", "name")
 
     def __init__(self, sock: socket.socket, max_frame: int, uid: int, pid: int, name: str) -> None:
         self.sock = sock
         self.proto = ServerProtocol(max_frame)
         self.out = bytearray()
         self.inflight = 0  # requests of this connection queued or being synced
-        self.reading = True
+        self.events = selectors.EVENT_READ  # what the selector watches for it now
         self.closing = False  # close once ``out`` is drained
         self.uid = uid
         self.pid = pid
@@ -642,10 +642,12 @@ class Daemon:
         )
         if not events:
             events = selectors.EVENT_READ  # still notice a peer that hangs up
-        try:
-            self.sel.modify(conn.sock, events, conn)
-        except (KeyError, ValueError):
-            pass
+        if events != conn.events:  # an epoll_ctl only when the interest changes
+            conn.events = events
+            try:
+                self.sel.modify(conn.sock, events, conn)
+            except (KeyError, ValueError):
+                pass
 
     def _close(self, conn: _Conn) -> None:
         fd = conn.sock.fileno()

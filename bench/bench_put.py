@@ -1,0 +1,203 @@
+"""Durable puts: walcache (--fsync always) beside Redis (appendfsync always), same run.
+
+    python bench/bench_put.py [--seconds 5] [--clients 1,4,16] [--out bench/results]
+
+For each store and client count, that many client processes put random keys
+(10-byte keys, 100-byte values) as fast as their acknowledgements come back,
+each timing every put. Prints a table (puts/s, p50/p99 per put, and for
+walcache the average number of records per fdatasync) and writes
+bench/results/put-<date>.json. The disk's own fdatasync p50/p99 is measured in
+the same run, since the targets are stated against it.
+
+Servers and clients share the machine's cores; quote medians of several runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_wal import bench_fdatasync  # noqa: E402
+from peers import Peer, PeerUnavailable, RedisPeer, WalcachePeer  # noqa: E402
+
+KEYS = 100_000
+
+
+def _client(peer: Peer, seconds: float, seed: int, start: Any, out: Any) -> None:
+    store = peer.connect()
+    rng = random.Random(seed)
+    value = bytes(rng.randrange(256) for _ in range(100))
+    keys = [b"k%09d" % rng.randrange(KEYS) for _ in range(4096)]
+    put = store.put
+    lat: list[int] = []
+    start.wait()
+    gc.disable()
+    t_end = time.perf_counter() + seconds
+    clock = time.perf_counter_ns
+    i = 0
+    while True:
+        t0 = clock()
+        put(keys[i & 4095], value)
+        t1 = clock()
+        lat.append(t1 - t0)
+        i += 1
+        if not i & 15 and t1 / 1e9 >= t_end:
+            break
+    gc.enable()
+    store.close()
+    out.put(lat)
+
+
+def _pct(sorted_ns: list[int], p: float) -> float:
+    return sorted_ns[min(len(sorted_ns) - 1, int(p * len(sorted_ns)))] / 1000.0
+
+
+def measure(peer: Peer, nclients: int, seconds: float, seed: int) -> dict[str, Any]:
+    ctx = mp.get_context("fork")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=_client, args=(peer, seconds, seed * 100 + i, start, out))
+        for i in range(nclients)
+    ]
+    before = _walcache_stats(peer)
+    for p in procs:
+        p.start()
+    time.sleep(0.3)  # every client connected and waiting
+    t0 = time.perf_counter()
+    start.set()
+    lats: list[int] = []
+    for _ in procs:
+        lats.extend(out.get(timeout=seconds + 60))
+    wall = time.perf_counter() - t0
+    for p in procs:
+        p.join(10)
+    after = _walcache_stats(peer)
+    lats.sort()
+    row: dict[str, Any] = {
+        "store": peer.id,
+        "clients": nclients,
+        "puts": len(lats),
+        "puts_per_s": len(lats) / wall,
+        "p50_us": _pct(lats, 0.50),
+        "p99_us": _pct(lats, 0.99),
+    }
+    if before and after:
+        records = after["records"] - before["records"]
+        batches = after["batches"] - before["batches"]
+        row["avg_batch"] = records / batches if batches else None
+        row["daemon_fsync_p50_us"] = after.get("fsync_p50_us")
+    return row
+
+
+def _walcache_stats(peer: Peer) -> dict[str, Any] | None:
+    if not isinstance(peer, WalcachePeer):
+        return None
+    store = peer.connect()
+    try:
+        stats: dict[str, Any] = getattr(store, "_c").stats()
+        return stats
+    finally:
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement (default 5)")
+    ap.add_argument("--clients", default="1,4,16", help="client process counts (default 1,4,16)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+    counts = [int(x) for x in args.clients.split(",")]
+    # On the project's filesystem, like a data dir would be (not tmpfs).
+    root = Path(tempfile.mkdtemp(prefix="bench-put-", dir=os.getcwd()))
+    rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    try:
+        fsync = bench_fdatasync(root, 1000)["preallocated"]
+        print(f"fdatasync on this disk: p50 {fsync['p50_us']:.0f} us, p99 {fsync['p99_us']:.0f} us")
+        for peer in (WalcachePeer("always"), RedisPeer("always")):
+            try:
+                peer.check()
+            except PeerUnavailable as exc:
+                skipped[peer.id] = str(exc)
+                continue
+            work = root / peer.id
+            work.mkdir()
+            peer.start(work, KEYS)
+            try:
+                for n in counts:
+                    row = measure(peer, n, args.seconds, args.seed)
+                    rows.append(row)
+                    print(
+                        f"{row['store']:>16} {n:>3} clients: {row['puts_per_s']:>9,.0f} puts/s "
+                        f"p50 {row['p50_us']:>7.0f} us p99 {row['p99_us']:>7.0f} us"
+                        + (f" avg batch {row['avg_batch']:.1f}" if row.get("avg_batch") else ""),
+                        flush=True,
+                    )
+            finally:
+                peer.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    def find(store: str, n: int) -> dict[str, Any] | None:
+        return next((r for r in rows if r["store"] == store and r["clients"] == n), None)
+
+    checks = []
+    w1 = find("walcache-always", 1)
+    if w1:
+        checks.append(("1-client p50 <= fdatasync p50 + 70 us",
+                       f"{w1['p50_us']:.0f} <= {fsync['p50_us'] + 70:.0f}", w1["p50_us"] <= fsync["p50_us"] + 70))
+        w16 = find("walcache-always", 16)
+        if w16:
+            ratio = w16["puts_per_s"] / w1["puts_per_s"]
+            checks.append(("16 clients >= 4x 1 client", f"{ratio:.1f}x", ratio >= 4))
+    for n, want in ((4, 2.0), (16, 3.0)):
+        w, r = find("walcache-always", n), find("redis-always", n)
+        if w and r:
+            ratio = w["puts_per_s"] / r["puts_per_s"]
+            checks.append((f"{n} clients >= {want:.0f}x Redis always", f"{ratio:.1f}x", ratio >= want))
+
+    print()
+    print("| store | clients | puts/s | p50 us | p99 us | records per fdatasync |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        batch = f"{r['avg_batch']:.1f}" if r.get("avg_batch") else "-"
+        print(f"| {r['store']} | {r['clients']} | {r['puts_per_s']:,.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {batch} |")
+    for peer_id, why in skipped.items():
+        print(f"| {peer_id} | skipped: {why} | | | | |")
+    print()
+    print(f"fdatasync of this disk: p50 {fsync['p50_us']:.0f} us, p99 {fsync['p99_us']:.0f} us")
+    for name, got, ok in checks:
+        print(f"- {name}: {got} {'MET' if ok else 'MISSED'}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"put-{stamp}.json"
+    path.write_text(json.dumps({
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"nproc": os.cpu_count(), "python": sys.version.split()[0]},
+        "seconds": args.seconds,
+        "fdatasync": fsync,
+        "rows": rows,
+        "skipped": skipped,
+        "targets": [{"target": n, "got": g, "met": ok} for n, g, ok in checks],
+    }, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
