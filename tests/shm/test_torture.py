@@ -14,6 +14,8 @@ import os
 import queue
 import random
 import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -219,6 +221,64 @@ def test_without_the_seqlock_the_same_run_sees_tears(namespace: str, procs: list
     run = _torture(namespace, procs, CONTROL_MAX_SECONDS, unsafe=True, seed=_seed())
     assert run.bad > 0, f"the control saw no tear: the torture test could not catch one ({run})"
     assert all(rd["reads"] > 0 for rd in run.readers)
+
+
+def test_threads_sharing_one_reader_keep_reading_while_it_remaps(namespace: str, procs: list[BaseProcess]) -> None:
+    """A threaded client shares one ShmReader: a remap done by one thread must never pull
+    the mapping from under another thread's get (no released views, no mixed geometry)."""
+    seed = _seed()
+    ready, stop = _ctx.Event(), _ctx.Event()
+    wave = _ctx.Value("q", 0)
+    out: Any = _ctx.Queue()
+    w = _ctx.Process(target=_writer, args=(namespace, seed, ready, stop, wave, out), daemon=True)
+    procs.append(w)
+    w.start()
+    assert ready.wait(30), f"writer did not publish (seed={seed})"
+    r = ShmReader(namespace)
+    done = threading.Event()
+    errors: list[str] = []
+    counts = [0] * 4
+
+    def read(k: int) -> None:
+        rng = random.Random(seed + k)
+        while not done.is_set():
+            kid = rng.randrange(HOT)
+            try:
+                value = r.lookup(_hot(kid)) if k & 1 else r.get(encode_key(_hot(kid)))
+            except ReadContention:
+                continue
+            except Exception as exc:
+                errors.append(f"thread {k}: {type(exc).__name__}: {exc}")
+                return
+            if isinstance(value, tuple):
+                value = value[1]
+            err = "hot key missing" if value is None else check_value(kid, value)  # type: ignore[arg-type]
+            if err:
+                errors.append(f"thread {k}: key {kid}: {err}")
+            counts[k] += 1
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads as often as possible, mid-get
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(4)]
+    names = set()
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + DEFAULT_SECONDS
+        while time.monotonic() < deadline and not errors:
+            names.add(r.header()["name"])
+            time.sleep(0.01)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(30)
+        sys.setswitchinterval(old_interval)
+        stop.set()
+    writer = out.get(timeout=30)
+    r.close()
+    assert not errors, f"seed={seed}: {errors[:5]}"
+    assert all(c > 100 for c in counts), f"seed={seed}: a thread barely ran: {counts}"
+    assert len(names) > 2 and writer["segments"] > 2, f"seed={seed}: no remaps happened: {names} {writer}"
 
 
 @pytest.mark.stress

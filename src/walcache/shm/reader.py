@@ -82,6 +82,11 @@ class _Corrupt(Exception):
     pass
 
 
+# One mapping, published with a single store: (slots, words, seq words, mmap, mask,
+# lo, hi, end); "seq words" is the words view, or zeros under unsafe_no_seqlock.
+_State = tuple[memoryview, memoryview, memoryview, mmap.mmap, int, int, int, int]
+
+
 class ShmReader:
     """Read-only, lock-free access to the table of one namespace.
 
@@ -98,8 +103,8 @@ class ShmReader:
         "_mm",
         "_q",
         "_sv",
-        "_zero",
         "_slots",
+        "_m",
         "_mask",
         "_lo",
         "_hi",
@@ -113,7 +118,6 @@ class ShmReader:
         self.lock_free_ok = LOCK_FREE_OK
         self._unsafe = unsafe_no_seqlock
         self._mm: mmap.mmap | None = None
-        self._zero: mmap.mmap | None = None
         name = ctl_name(namespace)
         try:
             shm = posix_ipc.SharedMemory(name, read_only=True)
@@ -204,34 +208,31 @@ class ShmReader:
             why = f"bad data area offset {data_off}"
         if why:
             raise TableUnavailable(f"shared table {name} is not readable: {why}")
-        self._release()
         q = memoryview(mm).cast("Q")
-        self._mm = mm
-        self._q = q
-        self._slots = q[index_off // 8 : index_off // 8 + capacity]
-        if self._unsafe:
-            self._zero = mmap.mmap(-1, size)
-            self._sv = memoryview(self._zero).cast("Q")
-        else:
-            self._sv = q
-        self._mask = capacity - 1
-        self._lo = data_off // 8
-        self._hi = size // 8 - REC_HEADER_WORDS + 1  # w + 4 <= words
-        self._end = size
+        slots = q[index_off // 8 : index_off // 8 + capacity]
+        sv = memoryview(mmap.mmap(-1, size)).cast("Q") if self._unsafe else q
+        lo = data_off // 8
+        hi = size // 8 - REC_HEADER_WORDS + 1  # w + 4 <= words
+        # The old mapping is not released here: another thread may be in the middle of a
+        # get on it. It is unmapped when the last reference to its views goes away.
+        # Readers take self._m once per call, so they never mix two mappings.
+        self._m = (slots, q, sv, mm, capacity - 1, lo, hi, size)
+        # The same fields one by one, for the slow paths, the header and the C reader.
+        self._mm, self._q, self._slots, self._sv = mm, q, slots, sv
+        self._mask, self._lo, self._hi, self._end = capacity - 1, lo, hi, size
         self._name = name
 
     def _release(self) -> None:
+        """Unmap now (close() only: a remap leaves the old mapping to reference counting)."""
         if self._mm is None:
             return
+        self._m = None  # type: ignore[assignment]
         self._slots.release()
         if self._sv is not self._q:
             self._sv.release()
         self._q.release()
         self._mm.close()
         self._mm = None
-        if self._zero is not None:
-            self._zero.close()
-            self._zero = None
 
     def close(self) -> None:
         self._release()
@@ -263,26 +264,22 @@ class ShmReader:
             kb = b"i%d" % key  # type: ignore[str-format]
         else:
             kb = encode_key(key)
+        S, Q, V, M, mask, lo, hi, end = self._m
         h = hash_key(kb)  # R1
         f = h & _FP
-        mask = self._mask
         i = h & mask
-        S = self._slots
         home = i
         while True:
             x = S[i]  # R2
             w = x - f
-            if self._lo <= w < self._hi:
-                Q = self._q
-                V = self._sv
+            if lo <= w < hi:
                 s = V[w]  # R3
                 m = Q[w + 1]  # R4
                 a = 8 * w + 32
                 b = a + (m >> 32)
                 e = b + (m & 0xFFFFFFFF)
-                M = self._mm
-                if e <= self._end and M[a:b] == kb:  # type: ignore[index]
-                    v = M[b:e]  # type: ignore[index]
+                if e <= end and M[a:b] == kb:
+                    v = M[b:e]
                     xv = Q[w + 2]
                     if V[w] == s and not s & 1:  # R5
                         # xv is expiry << 8 | vflag: without an expiry it IS the vflag.
@@ -331,26 +328,22 @@ class ShmReader:
 
         The same one optimistic pass as :meth:`lookup`, without the codec.
         """
+        S, Q, V, M, mask, lo, hi, end = self._m
         h = hash_key(key)
         f = h & _FP
-        mask = self._mask
         i = h & mask
-        S = self._slots
         home = i
         while True:
             x = S[i]
             w = x - f
-            if self._lo <= w < self._hi:
-                Q = self._q
-                V = self._sv
+            if lo <= w < hi:
                 s = V[w]
                 m = Q[w + 1]
                 a = 8 * w + 32
                 b = a + (m >> 32)
                 e = b + (m & 0xFFFFFFFF)
-                M = self._mm
-                if e <= self._end and M[a:b] == key:  # type: ignore[index]
-                    v = M[b:e]  # type: ignore[index]
+                if e <= end and M[a:b] == key:
+                    v = M[b:e]
                     xv = Q[w + 2]
                     if V[w] == s and not s & 1:
                         if xv < 3:
@@ -382,9 +375,9 @@ class ShmReader:
         return out
 
     def __len__(self) -> int:
-        if self._q[H_STALE]:
+        if self._m[1][H_STALE]:
             self._remap()
-        return self._q[H_LIVE]
+        return self._m[1][H_LIVE]
 
     def _read(self, kb: bytes) -> tuple[int, bytes] | None:
         """Steps R1-R7 with bounded retries, remaps and dead-writer detection."""
@@ -421,11 +414,9 @@ class ShmReader:
 
     def _attempt(self, kb: bytes, h: int) -> object:
         """One pass of R2-R7: (vflag, value), None (miss), _RETRY or _REMAP."""
+        st = self._m
+        S, _, V, _, mask, lo, hi, _ = st
         f = h & _FP
-        mask = self._mask
-        S = self._slots
-        V = self._sv
-        lo, hi = self._lo, self._hi
         i = h & mask
         for _ in range(mask + 1):
             x = S[i]
@@ -435,7 +426,7 @@ class ShmReader:
                 if s & 1:
                     return _RETRY
                 try:
-                    key, vflag, value, _, expiry = self._copy(w)
+                    key, vflag, value, _, expiry = _copy(st, w)
                 except _Corrupt:
                     if V[w] != s:
                         return _RETRY
@@ -459,23 +450,6 @@ class ShmReader:
                 return _REMAP
             i = (i + 1) & mask
         return None
-
-    def _copy(self, w: int) -> tuple[bytes, int, bytes, int, int]:
-        """R4: the record at word ``w`` copied out (key, vflag, value, seqno, expiry_ms).
-
-        Only bounds are checked here; the caller validates the copy with the seq word.
-        """
-        Q = self._q
-        m = Q[w + R_LENS]
-        a = 8 * w + REC_HEADER_SIZE
-        b = a + (m >> 32)
-        e = b + (m & _M32)
-        if e > self._end:
-            raise _Corrupt
-        M = self._mm
-        assert M is not None
-        xv = Q[w + R_EXPIRY_VFLAG]
-        return M[a:b], xv & 0xFF, M[b:e], Q[w + R_SEQNO], xv >> 8
 
     def _remap(self) -> None:
         old = self._name
@@ -532,9 +506,10 @@ class ShmReader:
 
     def _scan(self) -> Iterator[tuple[bytes, int, bytes, int, int] | None]:
         """Entries of the current mapping; None once it turns out to have moved."""
-        S, V = self._slots, self._sv
-        for i in range(self._mask + 1):
-            if self._slots is not S:
+        st = self._m
+        S, Q, V, _, mask, lo, hi, _ = st
+        for i in range(mask + 1):
+            if self._m is not st:
                 # A get between two yields remapped (and released S): go on over the new table.
                 yield None
                 return
@@ -544,16 +519,16 @@ class ShmReader:
                 x = S[i]
                 if x == EMPTY or x == TOMBSTONE:
                     break
-                if x == _MOVED or self._q[H_STALE]:
+                if x == _MOVED or Q[H_STALE]:
                     yield None
                     return
                 w = x & _M32
-                if not self._lo <= w < self._hi:
+                if not lo <= w < hi:
                     raise TableUnavailable(f"shared table {self._name} has a slot pointing outside its data area")
                 s = V[w]
                 if not s & 1:
                     try:
-                        entry = self._copy(w)
+                        entry = _copy(st, w)
                     except _Corrupt:
                         entry = None
                     if V[w] == s and S[i] == x:
@@ -598,6 +573,22 @@ class ShmReader:
         """Remap now if the control segment names a newer table (gets do this by themselves)."""
         if self._read_ctl()[2] != self._name or self._q[H_STALE]:
             self._remap()
+
+
+def _copy(st: _State, w: int) -> tuple[bytes, int, bytes, int, int]:
+    """R4: the record at word ``w`` of mapping ``st`` copied out (key, vflag, value, seqno, expiry_ms).
+
+    Only bounds are checked here; the caller validates the copy with the seq word.
+    """
+    Q, M, end = st[1], st[3], st[7]
+    m = Q[w + R_LENS]
+    a = 8 * w + REC_HEADER_SIZE
+    b = a + (m >> 32)
+    e = b + (m & _M32)
+    if e > end:
+        raise _Corrupt
+    xv = Q[w + R_EXPIRY_VFLAG]
+    return M[a:b], xv & 0xFF, M[b:e], Q[w + R_SEQNO], xv >> 8
 
 
 def _alive(pid: int, start_ms: int) -> bool:
