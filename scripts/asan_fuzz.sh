@@ -3,7 +3,7 @@
 #
 # Builds walcache/shm/_creader.c with -fsanitize=address,undefined into a temporary copy
 # of src/ (the working tree's own build is left alone), then runs the C reader's fuzz,
-# equivalence and unit tests against that build. The fuzz reads every garbage table from
+# equivalence, model, thread and unit tests against that build. The fuzz reads every garbage table from
 # a malloc'd bytes object of exactly the segment's size (PYTHONMALLOC=malloc), so a read
 # one byte past the segment hits an ASan redzone and aborts the run.
 #
@@ -71,5 +71,6 @@ case "$loaded" in
     *) echo "asan_fuzz: imported $loaded, not the sanitized build" >&2; exit 1 ;;
 esac
 run "$tmp/asan" tests/shm_c/test_fuzz_c.py tests/shm_c/test_equivalence.py tests/shm_c/test_table_c.py \
+    tests/shm_c/test_model_c.py tests/shm_c/test_threads_c.py \
     tests/shm_c/test_hash_and_constants.py "$@"
 echo "asan_fuzz: clean"

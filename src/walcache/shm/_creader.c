@@ -21,23 +21,32 @@
  * On x86-64 all of this compiles to plain moves; on aarch64 the same source emits the
  * barriers pure Python cannot, which is why this reader is lock-free everywhere.
  *
- * The data segment is a read-only buffer exported by the Python reader's mmap: this
- * module never maps, remaps or unmaps anything. When a get meets MOVED, or keeps
- * racing the writer past the retry bounds, it calls back into Python (the subclass in
- * creader.py: _remap and _contended), which owns remapping, the control segment and the
- * writer-liveness check, then re-attaches the new buffer here.
+ * Which segment to read is decided in Python (the subclass in creader.py composes the
+ * pure-Python ShmReader: control segment, remapping, writer liveness). This module maps
+ * the segment it is told to (_map(name): its own read-only mapping, so the ShmReader can
+ * unmap its own whenever it likes) and calls back into Python when a get meets MOVED or
+ * keeps racing the writer past the retry bounds (_remap, _contended), then goes on with
+ * whatever mapping is installed when the hook returns. A new mapping is validated
+ * completely before it replaces the old one, so another thread never sees the reader
+ * between two segments. _attach(buffer) follows any buffer instead (tests, ASan fuzz).
  *
  * The GIL is held for every access to the mapping. Python code that can run in between
  * (a hook, codec.encode_key for unusual key types, msgpack) is only ever called while
- * no pointer into the mapping is live, and the geometry is reloaded after it.
+ * no pointer into the mapping is live, and the geometry is reloaded after it: another
+ * thread may have installed a new mapping meanwhile (and unmapped the old one).
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
 
+#include <errno.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -253,10 +262,16 @@ static PyObject *str_contended;    /* "_contended" */
 
 /* ---- the reader object ---- */
 
+#define ATTACHED_NONE 0
+#define ATTACHED_MAP 1    /* our own mapping of a shared-memory segment (_map) */
+#define ATTACHED_BUFFER 2 /* a buffer exported by a Python object (_attach) */
+
 typedef struct {
     PyObject_HEAD
-    Py_buffer view;        /* the data segment, exported read-only by the Python reader's mmap */
     int attached;
+    Py_buffer view;        /* ATTACHED_BUFFER */
+    void *map_addr;        /* ATTACHED_MAP */
+    size_t map_len;
     const uint8_t *base;
     const aword *Q;        /* the segment as words */
     uint64_t seg_bytes;    /* header segment_bytes (<= view.len) */
@@ -273,12 +288,14 @@ typedef struct {
 static void
 reader_detach(Reader *r)
 {
-    if (r->attached) {
-        r->attached = 0;
-        r->base = NULL;
-        r->Q = NULL;
+    int was = r->attached;
+    r->attached = ATTACHED_NONE;
+    r->base = NULL;
+    r->Q = NULL;
+    if (was == ATTACHED_BUFFER)
         PyBuffer_Release(&r->view);
-    }
+    else if (was == ATTACHED_MAP)
+        munmap(r->map_addr, r->map_len);
 }
 
 static PyObject *
@@ -302,7 +319,7 @@ reader_dealloc(Reader *r)
 static int
 reader_traverse(Reader *r, visitproc visit, void *arg)
 {
-    if (r->attached)
+    if (r->attached == ATTACHED_BUFFER)
         Py_VISIT(r->view.obj);
     return 0;
 }
@@ -324,19 +341,19 @@ table_error(const char *what, unsigned long long a, unsigned long long b)
     return NULL;
 }
 
-/* _attach(buffer): follow the data segment in ``buffer`` (its geometry is checked here
- * once: header words 0..127 do not change after publication except stale/closed). */
-static PyObject *
-reader_attach(Reader *r, PyObject *buf)
+typedef struct {
+    uint64_t seg_bytes, mask, slot0, lo, span, generation;
+} geometry;
+
+/* Check the header of a segment of len bytes at base; 0 and g filled, or -1 and
+ * TableUnavailable set. Header words 0..127 do not change after publication (except
+ * stale/closed), so they are read once, here. */
+static int
+check_geometry(const uint8_t *base, uint64_t len, geometry *g)
 {
-    Py_buffer view;
-    if (PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    const uint8_t *base = (const uint8_t *)view.buf;
-    uint64_t len = (uint64_t)view.len;
     if (len < HEADER_SIZE || ((uintptr_t)base & 7) != 0) {
-        PyBuffer_Release(&view);
-        return table_error("mapping size, alignment", len, (uintptr_t)base & 7);
+        table_error("mapping size, alignment", len, (uintptr_t)base & 7);
+        return -1;
     }
     const aword *Q = (const aword *)base;
     uint64_t w0 = load_relaxed(&Q[0]);
@@ -345,36 +362,106 @@ reader_attach(Reader *r, PyObject *buf)
     uint64_t capacity = load_relaxed(&Q[H_CAPACITY]);
     uint64_t index_off = load_relaxed(&Q[H_INDEX_OFF]);
     uint64_t data_off = load_relaxed(&Q[H_DATA_OFF]);
-    uint64_t generation = load_relaxed(&Q[H_GENERATION]);
     if (memcmp(&w0, DATA_MAGIC, 8) != 0 || version != LAYOUT_VERSION) {
-        PyBuffer_Release(&view);
-        return table_error("magic or layout version", w0, version);
+        table_error("magic or layout version", w0, version);
+        return -1;
     }
     if (seg_bytes > len || seg_bytes > MAX_SEGMENT_BYTES || (seg_bytes & 7) != 0) {
-        PyBuffer_Release(&view);
-        return table_error("segment bytes, mapping size", seg_bytes, len);
+        table_error("segment bytes, mapping size", seg_bytes, len);
+        return -1;
     }
     if (capacity < MIN_CAPACITY || (capacity & (capacity - 1)) != 0 || capacity > seg_bytes / SLOT_SIZE) {
-        PyBuffer_Release(&view);
-        return table_error("capacity, segment bytes", capacity, seg_bytes);
+        table_error("capacity, segment bytes", capacity, seg_bytes);
+        return -1;
     }
     if (index_off != HEADER_SIZE || data_off < index_off + capacity * SLOT_SIZE || (data_off & 7) != 0 ||
         data_off / 8 + REC_HEADER_WORDS > seg_bytes / 8) {
+        table_error("index offset, data offset", index_off, data_off);
+        return -1;
+    }
+    g->seg_bytes = seg_bytes;
+    g->mask = capacity - 1;
+    g->slot0 = index_off / 8;
+    g->lo = data_off / 8;
+    /* w + 4 <= segment_bytes / 8, i.e. the whole record header is inside the segment */
+    g->span = seg_bytes / 8 - REC_HEADER_WORDS + 1 - g->lo;
+    g->generation = load_relaxed(&Q[H_GENERATION]);
+    return 0;
+}
+
+static void
+install(Reader *r, const uint8_t *base, const geometry *g)
+{
+    r->base = base;
+    r->Q = (const aword *)base;
+    r->seg_bytes = g->seg_bytes;
+    r->mask = g->mask;
+    r->slot0 = g->slot0;
+    r->lo = g->lo;
+    r->span = g->span;
+    r->generation = g->generation;
+}
+
+/* _attach(buffer): follow the data segment held in any buffer (tests: a bytes copy). */
+static PyObject *
+reader_attach(Reader *r, PyObject *buf)
+{
+    Py_buffer view;
+    geometry g;
+    if (PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (check_geometry((const uint8_t *)view.buf, (uint64_t)view.len, &g) < 0) {
         PyBuffer_Release(&view);
-        return table_error("index offset, data offset", index_off, data_off);
+        return NULL;
     }
     reader_detach(r);
     r->view = view;
-    r->attached = 1;
-    r->base = base;
-    r->Q = Q;
-    r->seg_bytes = seg_bytes;
-    r->mask = capacity - 1;
-    r->slot0 = index_off / 8;
-    r->lo = data_off / 8;
-    /* w + 4 <= segment_bytes / 8, i.e. the whole record header is inside the segment */
-    r->span = seg_bytes / 8 - REC_HEADER_WORDS + 1 - r->lo;
-    r->generation = generation;
+    install(r, (const uint8_t *)view.buf, &g);
+    r->attached = ATTACHED_BUFFER;
+    Py_RETURN_NONE;
+}
+
+/* _map(name): map the named shared-memory segment read-only and follow it. The old
+ * mapping stays installed until the new one is validated. Raises FileNotFoundError when
+ * the name is gone (unlinked since it was read: a newer table is current), or
+ * TableUnavailable when the segment is not one this reader can follow. */
+static PyObject *
+reader_map(Reader *r, PyObject *arg)
+{
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (name == NULL)
+        return NULL;
+    int fd = shm_open(name, O_RDONLY, 0);
+    if (fd < 0)
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
+        close(fd);
+        return NULL;
+    }
+    uint64_t len = (uint64_t)st.st_size;
+    if (len < HEADER_SIZE || len > MAX_SEGMENT_BYTES) {
+        close(fd);
+        return table_error("segment size, limit", len, MAX_SEGMENT_BYTES);
+    }
+    void *addr = mmap(NULL, (size_t)len, PROT_READ, MAP_SHARED, fd, 0);
+    int err = errno;
+    close(fd);
+    if (addr == MAP_FAILED) {
+        errno = err;
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
+    }
+    geometry g;
+    if (check_geometry((const uint8_t *)addr, len, &g) < 0) {
+        munmap(addr, (size_t)len);
+        return NULL;
+    }
+    reader_detach(r);
+    r->map_addr = addr;
+    r->map_len = (size_t)len;
+    install(r, (const uint8_t *)addr, &g);
+    r->attached = ATTACHED_MAP;
     Py_RETURN_NONE;
 }
 
@@ -996,6 +1083,13 @@ reader_scan(Reader *r, PyObject *args)
     for (; i < end && status == SCAN_DONE; i++) {
         backoff_t bo = {0, 0};
         for (;;) {
+            /* Building an entry allocates a tuple, which may run the garbage collector
+             * and with it Python code; another thread may then install a new mapping
+             * and unmap this one: never touch it once it is no longer installed. */
+            if (r->base != base) {
+                status = SCAN_MOVED;
+                break;
+            }
             const aword *slot = &Q[slot0 + i];
             uint64_t x = load_relaxed(slot);
             if (x == SLOT_EMPTY || x == SLOT_TOMBSTONE)
@@ -1102,6 +1196,7 @@ static PyMethodDef reader_methods[] = {
     {"_get_entry", (PyCFunction)reader_get_entry, METH_O,
      "_get_entry(encoded_key) -> (vflag, bytes, seqno, expiry_ms) | None"},
     {"_attach", (PyCFunction)reader_attach, METH_O, "_attach(buffer): follow the data segment in buffer"},
+    {"_map", (PyCFunction)reader_map, METH_O, "_map(name): map the named segment read-only and follow it"},
     {"_detach", (PyCFunction)reader_detach_meth, METH_NOARGS, "_detach(): release the buffer"},
     {"_scan", (PyCFunction)reader_scan, METH_VARARGS,
      "_scan(start, count) -> ([entries], next_slot, status 0 done / 1 moved / 2 contended)"},
@@ -1111,7 +1206,7 @@ static PyMethodDef reader_methods[] = {
 static PyObject *
 reader_get_attached(Reader *r, void *closure)
 {
-    return PyBool_FromLong(r->attached);
+    return PyBool_FromLong(r->attached != ATTACHED_NONE);
 }
 
 static PyObject *
@@ -1124,8 +1219,10 @@ reader_get_u64(Reader *r, void *closure)
         return PyLong_FromUnsignedLongLong(r->mask + 1);
     case 1:
         return PyLong_FromUnsignedLongLong(r->seg_bytes);
-    default:
+    case 2:
         return PyLong_FromUnsignedLongLong(r->generation);
+    default:
+        return PyLong_FromUnsignedLongLong(load_relaxed(&r->Q[H_STALE]));
     }
 }
 
@@ -1134,6 +1231,7 @@ static PyGetSetDef reader_getset[] = {
     {"_capacity", (getter)reader_get_u64, NULL, "slots of the attached segment", (void *)0},
     {"_segment_bytes", (getter)reader_get_u64, NULL, "bytes of the attached segment", (void *)1},
     {"_generation", (getter)reader_get_u64, NULL, "generation of the attached segment", (void *)2},
+    {"_stale", (getter)reader_get_u64, NULL, "the attached segment's stale flag, now", (void *)3},
     {NULL},
 };
 

@@ -20,26 +20,28 @@
     before fast).
 
 The compiled reader composes a ShmReader rather than repeating it: the ShmReader
-opens the control segment, maps the current data segment (read-only), validates its
-header, remaps when the table moves and decides what a read that keeps colliding with
-the writer means (a newer table, a dead writer, or contention). The C side borrows its
-mapping as a read-only buffer and calls back (:meth:`CReader._remap`,
-:meth:`CReader._contended`) only on those rare paths; it lets go of the buffer before
-the ShmReader unmaps anything.
+reads the control segment, finds and validates the current data segment, remaps when
+the table moves and decides what a read that keeps colliding with the writer means (a
+newer table, a dead writer, or contention). The C side maps the segment the ShmReader
+names with a mapping of its own (so neither unmaps under the other) and calls back
+(:meth:`CReader._remap`, :meth:`CReader._contended`) only on those rare paths. The
+hooks run under one lock: threads sharing a reader remap one at a time, and the others
+go on reading the old mapping until the new one is installed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Union
 
 from ..errors import TableUnavailable
 from . import layout
-from .layout import H_STALE
 from .reader import ShmReader
 
 __all__ = ["open_reader", "extension", "extension_error", "CReader", "PyReader", "Reader", "SCAN_BATCH"]
@@ -107,56 +109,68 @@ class CReader(_Base):
         if extension is None:
             raise RuntimeError(f"the compiled reader is unavailable: {extension_error}")
         self.namespace = namespace
+        self._lock = threading.RLock()
+        self._mapped = ""
         self._py: ShmReader | None = ShmReader(namespace)
         try:
-            self._attach_current()
+            self._follow()
         except BaseException:
             self._py.close()
             self._py = None
             raise
         if unsafe_no_seqlock:
             self._no_seqlock = 1
+        _READERS.add(self)
 
-    # -- hooks the C code calls ---------------------------------------------------------------
+    # -- hooks the C code calls (and the others, all under self._lock) --------------------------
 
-    def _attach_current(self) -> None:
+    def _live(self) -> ShmReader:
         py = self._py
-        if py is not None and py._mm is not None:
-            self._attach(py._mm)
+        if py is None:
+            raise TableUnavailable("this reader is closed")
+        return py
+
+    def _follow(self) -> None:
+        """Map the segment the ShmReader has mapped, unless we already follow it."""
+        py = self._live()
+        for _ in range(_MAX_REMAPS):
+            name = py._name
+            if name == self._mapped and self._attached:
+                return
+            try:
+                self._map(name)
+            except FileNotFoundError:
+                py._remap()  # unlinked since the ShmReader opened it: a newer one is current
+                continue
+            self._mapped = name
+            return
+        raise TableUnavailable(f"the shared table of {self.namespace} keeps being replaced; try again")
 
     def _remap(self) -> bool:
-        """A MOVED slot: let the ShmReader map the current table, then follow it."""
-        assert self._py is not None
-        self._detach()  # the ShmReader closes the old mmap: no export may remain
-        try:
-            self._py._remap()
-        finally:
-            self._attach_current()
+        """A MOVED slot: let the ShmReader find the current table, then follow it."""
+        with self._lock:
+            self._live()._remap()
+            self._follow()
         return True
 
     def _contended(self, key: bytes) -> bool:
         """Retries exhausted: remap to a newer table (True) or raise the right error."""
-        assert self._py is not None
-        self._detach()
-        try:
-            self._py._give_up(key)
-        finally:
-            self._attach_current()
+        with self._lock:
+            py = self._live()
+            if py._name != self._mapped:
+                self._follow()  # another thread moved the ShmReader on: try the new table first
+                return True
+            py._give_up(key)
+            self._follow()
         return True
 
     # -- the rest of the reader interface ---------------------------------------------------
 
     def __len__(self) -> int:
-        py = self._py
-        if py is None:
-            return 0
-        # The ShmReader follows a stale table first (its counts are frozen), which
-        # unmaps the old segment: our export must be gone by then.
-        self._detach()
-        try:
-            return len(py)
-        finally:
-            self._attach_current()
+        with self._lock:
+            n = len(self._live())  # follows a stale table first: counts of a retired one are frozen
+            self._follow()
+        return n
 
     def iter_entries(self) -> Iterator[tuple[bytes, int, bytes, int, int]]:
         """(key, vflag, value, seqno, expiry_ms) of every live, unexpired entry.
@@ -168,9 +182,13 @@ class CReader(_Base):
         seen: set[bytes] = set()
         remaps = 0
         start = 0
+        generation = self._generation
         while True:
             if not self._attached:
                 self._closed_error()
+            if self._generation != generation:
+                start = 0  # another thread moved us to a new table between two batches
+                generation = self._generation
             entries, nxt, status = self._scan(start, SCAN_BATCH)
             now = time.time() * 1000.0
             for entry in entries:
@@ -181,8 +199,7 @@ class CReader(_Base):
                 if nxt < (self._capacity or 0):
                     start = nxt
                     continue
-                py = self._py
-                if py is None or not py._q[H_STALE]:
+                if not self._stale:
                     return
                 status = _SCAN_MOVED  # it moved while we yielded: go on over the new table
             if status == _SCAN_BAD_SLOT:
@@ -197,33 +214,35 @@ class CReader(_Base):
             else:
                 self._contended(b"<scan>")
             start = 0
+            generation = self._generation
 
     def _closed_error(self) -> None:
         raise TableUnavailable("this reader is closed")
 
     def _table_name(self) -> str:
-        return str(self._py.header()["name"]) if self._py is not None else "(closed)"
+        return self._mapped or "(closed)"
 
     def header(self) -> dict[str, int | str]:
-        assert self._py is not None, "reader is closed"
-        h = self._py.header()
+        """The header of the segment this reader follows (ShmReader.header's fields)."""
+        with self._lock:
+            py = self._live()
+            self._follow()
+            h = py.header()
         h["reader"] = self.kind
         return h
 
     def refresh(self) -> None:
         """Remap now if the control segment names a newer table."""
-        assert self._py is not None, "reader is closed"
-        self._detach()
-        try:
-            self._py.refresh()
-        finally:
-            self._attach_current()
+        with self._lock:
+            self._live().refresh()
+            self._follow()
 
     def close(self) -> None:
-        self._detach()
-        py, self._py = self._py, None
-        if py is not None:
-            py.close()
+        with self._lock:
+            self._detach()
+            py, self._py = self._py, None
+            if py is not None:
+                py.close()
 
     def __enter__(self) -> CReader:
         return self
@@ -236,6 +255,17 @@ class CReader(_Base):
 
 
 Reader = Union[CReader, PyReader]
+
+# A child forked while another thread held a reader's lock would inherit it locked.
+_READERS: weakref.WeakSet[CReader] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for r in list(_READERS):
+        r._lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def open_reader(namespace: str) -> Reader:
