@@ -3,9 +3,10 @@
 #
 # Builds walcache/shm/_creader.c with -fsanitize=address,undefined into a temporary copy
 # of src/ (the working tree's own build is left alone), then runs the C reader's fuzz,
-# equivalence, model, thread and unit tests against that build. The fuzz reads every garbage table from
-# a malloc'd bytes object of exactly the segment's size (PYTHONMALLOC=malloc), so a read
-# one byte past the segment hits an ASan redzone and aborts the run.
+# equivalence, model, thread and unit tests against that build. The fuzz reads every
+# garbage table from a malloc'd bytes object of exactly the segment's size
+# (PYTHONMALLOC=malloc), so a read one byte past the segment hits an ASan redzone and
+# aborts the run.
 #
 # First, a control: the same build with the record bounds check compiled out
 # (WALCACHE_TEST_DROP_BOUNDS_CHECK) must be caught by ASan, or this script fails: a
@@ -13,7 +14,7 @@
 #
 # Usage: scripts/asan_fuzz.sh [extra pytest args]      (PYTHON, CC and
 # WALCACHE_FUZZ_SEEDS override the interpreter, the compiler and the seeds per fuzz test)
-# Needs gcc (or clang) with its ASan runtime; about a minute on 2 cores.
+# Needs gcc (or clang) with its ASan runtime; about 30 s on 2 cores (fits in CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
