@@ -4,6 +4,8 @@ The extension is optional: where no C compiler (or no Python headers) is availab
 install still succeeds and walcache reads through the pure-Python reader.
 """
 
+import sys
+
 from setuptools import Extension, setup
 
 setup(
@@ -13,6 +15,8 @@ setup(
             sources=["src/walcache/shm/_creader.c"],
             extra_compile_args=["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
+            # shm_open lives in librt before glibc 2.34 (an empty stub after it).
+            libraries=["rt"] if sys.platform.startswith("linux") else [],
             optional=True,
         )
     ],
