@@ -304,6 +304,8 @@ class Daemon:
             if now >= next_tick:
                 next_tick = now + tick
                 self.table.heartbeat()
+                # Expired entries read as missing already; this frees their space.
+                self.table.purge_expired()
                 if wd:
                     notify.watchdog()
             if self.stopping and self._drained():
@@ -543,6 +545,8 @@ class Daemon:
             pass
         while self.flusher.done:
             err, _dt = self.flusher.done.popleft()
+            if self.fatal is not None:
+                continue  # after a failure nothing more is applied or acked
             batch, self.inflight = self.inflight, None
             if err is not None:
                 self._fail(err, batch or [])
@@ -564,9 +568,8 @@ class Daemon:
     def _complete(self, batch: list[_Item], _err: None) -> None:
         now = _now_ms()
         touched: set[_Conn] = set()
-        for it in batch:
+        for k, it in enumerate(batch):
             conn = it.conn
-            conn.inflight -= 1
             if it.kind == "write":
                 assert it.ops is not None
                 # Ack invariant: the flusher returned from the write (and, under
@@ -574,29 +577,49 @@ class Daemon:
                 # before this line runs; only now may it become visible and be acked.
                 assert it.seqno <= self.logged_seqno, (it.seqno, self.logged_seqno)
                 self.pending_footprint -= it.footprint
-                existed = apply_ops(self.table, it.seqno, it.ops, now)
+                try:
+                    existed = apply_ops(self.table, it.seqno, it.ops, now)
+                except Exception as exc:  # noqa: BLE001 - e.g. /dev/shm full while growing
+                    # The record is in the log but not in the table: acking anything
+                    # after it would break "a client reads its own writes". Stop; the
+                    # next start rebuilds the table from the log.
+                    for done in touched:
+                        self._flush_out(done)
+                    self._fail(exc, batch[k:], what="applying a logged batch to the shared table")
+                    return
                 result: Any = _WRITE_RESULT[it.op](existed)
                 reply = ServerProtocol.reply(it.req_id, result)
             elif it.kind == "read":
                 reply = self._evaluate(it.req_id, it.result)
             else:
                 reply = ServerProtocol.error(it.req_id, it.result)
+            conn.inflight -= 1
             if conn.sock.fileno() >= 0:
                 conn.out += reply
                 touched.add(conn)
         for conn in touched:
             self._flush_out(conn)
 
-    def _fail(self, err: BaseException, batch: list[_Item]) -> None:
-        """The log failed: answer everything queued with LogFailed, apply nothing, stop."""
-        failure = err if isinstance(err, LogFailed) else LogFailed(f"log write failed: {err}")
+    def _fail(self, err: BaseException, batch: list[_Item], what: str = "log write") -> None:
+        """Answer everything not yet answered with the failure, apply nothing more, stop.
+
+        Used when the log fails (never retried: the pages may be gone) and when a
+        logged batch cannot be applied; the next start recovers from the log.
+        """
+        if isinstance(err, WalcacheError):
+            failure: WalcacheError = err
+        else:
+            failure = LogFailed(f"{what} failed: {type(err).__name__}: {err}")
         log.critical(
-            "%s; no more writes are acknowledged, exiting so the next start recovers from the log",
+            "%s failed: %s; no more writes are acknowledged, exiting so the next start "
+            "recovers from the log",
+            what,
             failure,
         )
         self.fatal = failure
         self.exit_code = 1
-        for it in batch + self.pending:
+        inflight = self.inflight if self.inflight is not None and self.inflight is not batch else []
+        for it in batch + inflight + self.pending:
             it.conn.inflight -= 1
             if it.conn.sock.fileno() >= 0:
                 it.conn.out += ServerProtocol.error(it.req_id, failure)
