@@ -37,7 +37,7 @@ build() {  # build <dest src dir> [extra cflags]
     find "$dest" -name '_creader*.so' -delete
     "$CC" -shared -fPIC -std=c11 -O1 -g -fno-omit-frame-pointer \
         -fsanitize=address,undefined -fno-sanitize-recover=undefined "$@" \
-        -I"$inc" src/walcache/shm/_creader.c -o "$dest/walcache/shm/_creader$ext"
+        -I"$inc" src/walcache/shm/_creader.c -o "$dest/walcache/shm/_creader$ext" -lrt
 }
 
 run() {  # run <src dir> <pytest args...>
