@@ -49,14 +49,28 @@ changes nothing; with ``repair=True`` it truncates at the first corruption,
 keeps the dropped bytes in ``*.corrupt-<ns>`` files, and reports exactly which
 seqnos were dropped.
 
-Opening, in steps: (1) replay every segment through ``apply_fn`` (cyclic GC
-paused: replay allocates millions of objects and creates no cycles); (2)
-classify the first problem as above, and raise on corruption; (3) delete
-``wal-*.log.tmp`` left by a crash during segment creation, fsync the
-directory; (4) zero a torn tail; (5) fdatasync the newest segment, so that
-everything replayed is durable before new records claim it is; (6) hand a
-WalWriter positioned after the last good record to the caller. An empty data
-dir gets segment 1 with a new random salt.
+Snapshots (compaction.py). A MANIFEST names the snapshot that holds the
+state after seqno S and the segment K+1 where replay goes on. The log then
+starts at segment K+1 with seqno S+1; without a MANIFEST it must start at
+segment 1 with seqno 1. Anything else ("log-start") is corruption: segments
+were deleted that no snapshot covers. A MANIFEST or the snapshot it names that
+fails its checks ("manifest", "snapshot") is corruption too: both are durable
+before they are named, and the segments they replaced are gone, so there is
+nothing to fall back on and nothing for --repair to cut; the error says so.
+
+Opening, in steps: (0) wait until no compactor of an earlier daemon holds
+COMPACT.lock (it stops as soon as its daemon is gone), read the MANIFEST and
+load its snapshot through ``apply_fn`` (each entry as a PUT with its own
+seqno); (1) replay every segment from the MANIFEST's next segno through
+``apply_fn`` (cyclic GC paused: replay allocates millions of objects and
+creates no cycles); (2) check where the log starts, classify the first
+problem as above, and raise on corruption; (3) delete ``wal-*.log.tmp`` left
+by a crash during segment creation and what an interrupted compaction left
+(temporary or unnamed snapshots, MANIFEST.tmp, segments the snapshot covers),
+fsync the directory; (4) zero a torn tail; (5) fdatasync the newest segment,
+so that everything replayed is durable before new records claim it is; (6)
+hand a WalWriter positioned after the last good record to the caller. An
+empty data dir gets segment 1 with a new random salt.
 
 Known limit: after an fdatasync error, Linux may keep the unsynced pages in
 its cache marked clean; a restart without a reboot then replays records that
@@ -77,9 +91,25 @@ from pathlib import Path
 
 from ..errors import LogCorrupt
 from .apply import DictTable, apply_ops
+from .compaction import leftovers, read_manifest, remove_leftovers, wait_for_compactor
 from .fileops import FileOps
 from .lock import DataDirLock
-from .walformat import SEGMENT_HEADER_SIZE, Op, RecordError, decode_segment_header, parse_segment_name
+from .walformat import (
+    MANIFEST_NAME,
+    OP_PUT,
+    SEGMENT_HEADER_SIZE,
+    SNAPSHOT_ENTRY,
+    SNAPSHOT_FOOTER_SIZE,
+    SNAPSHOT_HEADER_SIZE,
+    Manifest,
+    Op,
+    RecordError,
+    check_snapshot,
+    decode_segment_header,
+    parse_segment_name,
+    segment_name,
+    snapshot_name,
+)
 from .walreader import (
     IntactRecord,
     LogScan,
@@ -95,14 +125,21 @@ __all__ = [
     "open_log",
     "check_log",
     "classify",
+    "load_snapshot",
+    "snapshot_hint",
     "RecoveryReport",
     "CheckReport",
+    "SnapshotLoad",
     "Verdict",
 ]
 
 log = logging.getLogger("walcache.wal")
 
-_STRUCTURAL = frozenset({"header", "segment-number", "missing-segment", "seqno-gap"})
+_STRUCTURAL = frozenset(
+    {"header", "segment-number", "missing-segment", "seqno-gap", "log-start", "manifest", "snapshot"}
+)
+# Problems --repair cannot cut away: what they damaged has no older copy in the data dir.
+_UNREPAIRABLE = frozenset({"log-start", "manifest", "snapshot"})
 
 
 @dataclass
@@ -119,7 +156,22 @@ class RecoveryReport:
     truncated_offset: int | None = None
     dropped_intact: int = 0  # whole records inside the dropped tail (none acknowledged under always)
     removed_tmp: list[str] = field(default_factory=list)
+    removed_leftovers: list[str] = field(default_factory=list)  # of an interrupted compaction
+    snapshot: SnapshotLoad | None = None
     seconds: float = 0.0
+
+
+@dataclass
+class SnapshotLoad:
+    """The snapshot a MANIFEST named, as loaded."""
+
+    path: Path
+    seal_seqno: int
+    next_segno: int
+    entries: int
+    bytes: int
+    check_seconds: float = 0.0  # reading the file and its checksum
+    seconds: float = 0.0  # all of it, entries applied included
 
 
 @dataclass
@@ -228,6 +280,15 @@ def _seqno_ranges(seqnos: Sequence[int]) -> str:
 def _corrupt_error(data_dir: Path, v: Verdict) -> LogCorrupt:
     p = v.problem
     assert p is not None
+    if p.kind in _UNREPAIRABLE:
+        return LogCorrupt(
+            f"the log is corrupt: {p.path}: {p.kind}: {p.detail}. Nothing was changed. This cannot be "
+            "repaired by cutting the log: the snapshot holds every record up to its seal point and the "
+            "segments before it are gone. Restore the data dir from a backup, or move it aside to start "
+            f"empty; `walcache check-log {data_dir}` shows what is there.",
+            path=str(p.path),
+            offset=p.offset,
+        )
     return LogCorrupt(
         f"the log is corrupt: {p.path} at offset {p.offset}: {p.kind}: {p.detail}; this is not a torn "
         f"write because {v.reason}. Nothing was changed. Run `walcache check-log {data_dir}` to see "
@@ -238,6 +299,116 @@ def _corrupt_error(data_dir: Path, v: Verdict) -> LogCorrupt:
     )
 
 
+def _snapshot_problem(path: Path, m: Manifest, detail: str) -> Problem:
+    return Problem(path, m.next_segno - 1, 0, "snapshot", detail, 0, False)
+
+
+def load_snapshot(
+    data_dir: Path,
+    manifest: Manifest,
+    apply_fn: Callable[[int, Sequence[Op]], object],
+    fileops: FileOps | None = None,
+) -> tuple[SnapshotLoad | None, Problem | None]:
+    """Apply every entry of the snapshot ``manifest`` names, or report why it cannot be loaded.
+
+    Nothing is applied unless the whole file checks: its size and CRC are the
+    MANIFEST's, its header names the same seal, next segment and salt, and the
+    entries fill the space between header and footer exactly.
+    """
+    fo = fileops or FileOps()
+    t0 = time.perf_counter()
+    path = Path(data_dir) / snapshot_name(manifest.seal_seqno)
+    try:
+        buf = fo.read_file(path)
+    except FileNotFoundError:
+        return None, _snapshot_problem(path, manifest, "the snapshot the MANIFEST names is missing")
+    if len(buf) != manifest.snapshot_bytes:
+        return None, _snapshot_problem(
+            path, manifest, f"{len(buf)} bytes, the MANIFEST says {manifest.snapshot_bytes}"
+        )
+    try:
+        header, footer = check_snapshot(buf)
+    except RecordError as exc:
+        return None, _snapshot_problem(path, manifest, exc.detail)
+    mine = (header.seal_seqno, header.next_segno, header.salt, footer.crc, footer.entries)
+    named = (manifest.seal_seqno, manifest.next_segno, manifest.salt, manifest.snapshot_crc, manifest.entries)
+    if mine != named:
+        return None, _snapshot_problem(
+            path, manifest, f"(seal, next segno, salt, crc, entries) {mine} differ from the MANIFEST's {named}"
+        )
+    t_check = time.perf_counter() - t0
+    end = len(buf) - SNAPSHOT_FOOTER_SIZE
+    # Walk the entries once without applying any, so that a bad file changes nothing.
+    unpack = SNAPSHOT_ENTRY.unpack_from
+    esize = SNAPSHOT_ENTRY.size
+    seal = manifest.seal_seqno
+    off = SNAPSHOT_HEADER_SIZE
+    count = 0
+    while off < end:
+        if off + esize > end:
+            return None, _snapshot_problem(path, manifest, f"entry header at {off} runs into the footer")
+        klen, _vflag, vlen, seqno, _expiry = unpack(buf, off)
+        off += esize + klen + vlen
+        if off > end or not klen or seqno > seal:
+            return None, _snapshot_problem(path, manifest, f"entry {count} is malformed (klen {klen}, seqno {seqno})")
+        count += 1
+    if count != footer.entries:
+        return None, _snapshot_problem(path, manifest, f"{count} entries, the footer says {footer.entries}")
+    off = SNAPSHOT_HEADER_SIZE
+    while off < end:
+        klen, vflag, vlen, seqno, expiry = unpack(buf, off)
+        k = off + esize
+        kv = k + klen
+        off = kv + vlen
+        apply_fn(seqno, ((OP_PUT, buf[k:kv], vflag, buf[kv:off], expiry),))
+    load = SnapshotLoad(path, seal, manifest.next_segno, count, len(buf), t_check, time.perf_counter() - t0)
+    return load, None
+
+
+def snapshot_hint(data_dir: Path) -> tuple[int, int]:
+    """(entries, bytes) of the snapshot the MANIFEST names, (0, 0) if none: to size a table up front."""
+    try:
+        m = read_manifest(Path(data_dir))
+    except LogCorrupt:
+        return 0, 0
+    return (m.entries, m.snapshot_bytes) if m is not None else (0, 0)
+
+
+def _check_start(data_dir: Path, scan: LogScan, manifest: Manifest | None) -> Problem | None:
+    """Where the log must start: the MANIFEST's next segment at S+1, else segment 1 at seqno 1."""
+    if manifest is not None:
+        nxt, seal = manifest.next_segno, manifest.seal_seqno
+        if not scan.segments:
+            return Problem(data_dir / segment_name(nxt), nxt, 0, "log-start",
+                           f"segment {nxt}, where the log goes on after the snapshot (seqno {seal + 1}), is missing",
+                           seal, True)
+        first = scan.segments[0]
+        if first.segno != nxt:
+            return Problem(first.path, first.segno, 0, "log-start",
+                           f"the log after the snapshot must go on at segment {nxt}, but the first is {first.segno}",
+                           seal, False)
+        if first.first_seqno and first.first_seqno != seal + 1:
+            return Problem(first.path, first.segno, 0, "log-start",
+                           f"it starts at seqno {first.first_seqno}, but the snapshot ends at seqno {seal}",
+                           seal, False)
+        return None
+    if scan.segments:
+        first = scan.segments[0]
+        if first.segno != 1 or first.first_seqno not in (0, 1):
+            return Problem(first.path, first.segno, 0, "log-start",
+                           f"the log starts at segment {first.segno} (seqno {first.first_seqno}) and there is no "
+                           f"{MANIFEST_NAME} naming a snapshot of what came before: earlier segments were deleted",
+                           0, False)
+    return None
+
+
+def _manifest_or_problem(data_dir: Path, fo: FileOps) -> tuple[Manifest | None, Problem | None]:
+    try:
+        return read_manifest(data_dir, fo), None
+    except LogCorrupt as exc:
+        return None, Problem(Path(data_dir) / MANIFEST_NAME, 0, 0, "manifest", str(exc).split(";")[0], 0, False)
+
+
 def open_log(
     data_dir: Path,
     apply_fn: Callable[[int, Sequence[Op]], object],
@@ -246,12 +417,15 @@ def open_log(
     policy: str = "always",
     interval_ms: int = 1000,
     segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    compactor_wait: float = 30.0,
 ) -> tuple[WalWriter, RecoveryReport]:
     """Replay the log in ``data_dir`` through ``apply_fn(seqno, ops)``; return a writer after it.
 
-    Truncates a torn tail (logged with file, offset and bytes dropped); raises
-    LogCorrupt (path, offset) on corruption, changing nothing. The caller
-    holds the DataDirLock.
+    Loads the snapshot the MANIFEST names first, then replays the segments
+    after it. Truncates a torn tail (logged with file, offset and bytes
+    dropped); raises LogCorrupt (path, offset) on corruption, changing
+    nothing. The caller holds the DataDirLock; DataDirLocked if a compactor
+    left by an earlier daemon still runs after ``compactor_wait`` seconds.
     """
     t0 = time.perf_counter()
     WalWriter.check_config(policy, interval_ms, segment_bytes)  # before replaying anything
@@ -260,14 +434,25 @@ def open_log(
     data_dir.mkdir(parents=True, exist_ok=True)
     report = RecoveryReport()
 
+    wait_for_compactor(data_dir, compactor_wait)
+    manifest, problem = _manifest_or_problem(data_dir, fo)
     with _gc_paused():
-        scan = read_log(data_dir, apply_fn, fileops=fo)
-    verdict = classify(scan, fo)
+        if manifest is not None:
+            report.snapshot, problem = load_snapshot(data_dir, manifest, apply_fn, fo)
+        if problem is None:
+            scan = read_log(data_dir, apply_fn, fileops=fo,
+                            first_segno=manifest.next_segno if manifest is not None else None)
+            problem = _check_start(data_dir, scan, manifest)
+    if problem is None:
+        verdict = classify(scan, fo)
+    else:
+        verdict = Verdict("corrupt", problem, "what the MANIFEST names is durable before it is named")
     if verdict.kind == "corrupt":
         err = _corrupt_error(data_dir, verdict)
         log.error("%s", err)
         raise err
     report.removed_tmp = _remove_tmp(fo, data_dir)
+    report.removed_leftovers = remove_leftovers(data_dir, manifest, fo)
     report.records = scan.records
     report.first_seqno = scan.first_seqno
     report.last_seqno = scan.last_seqno
@@ -275,6 +460,7 @@ def open_log(
     report.bytes_read = scan.bytes_read
 
     if not scan.segments:
+        assert manifest is None  # _check_start refused a MANIFEST without its next segment
         salt = secrets.randbits(32)
         extent = min(EXTENT_BYTES, segment_bytes)
         fd, path = create_segment(fo, data_dir, 1, 1, salt, extent)
@@ -315,6 +501,12 @@ def open_log(
         last_seqno=last, policy=policy, interval_ms=interval_ms, segment_bytes=segment_bytes,
     )
     report.seconds = time.perf_counter() - t0
+    snap = report.snapshot
+    if snap is not None:
+        log.info(
+            "loaded snapshot %s: %d entries (state at seqno %d), %d bytes in %.3f s (%.3f s reading and checking)",
+            snap.path.name, snap.entries, snap.seal_seqno, snap.bytes, snap.seconds, snap.check_seconds,
+        )
     log.info(
         "log open: %d records (seqnos %d-%d) from %d segments, %d bytes in %.3f s; appending to %s at %d",
         report.records, report.first_seqno, report.last_seqno, report.segments, report.bytes_read,
@@ -357,6 +549,9 @@ class CheckReport:
     unread_segments: list[str] = field(default_factory=list)  # after the problem: not replayed
     repaired: bool = False
     actions: list[str] = field(default_factory=list)
+    snapshot: SnapshotLoad | None = None  # the snapshot the MANIFEST names, if it loaded
+    manifest: Manifest | None = None
+    leftovers: list[str] = field(default_factory=list)  # what open_log would remove
 
     @property
     def ok(self) -> bool:
@@ -366,7 +561,17 @@ class CheckReport:
     def format(self) -> str:
         lines = [f"log in {self.data_dir}: {len(self.segments)} segment(s), {self.records} good records"
                  + (f" (seqnos {self.first_seqno}-{self.last_seqno})" if self.records else "")
+                 + (" after the snapshot" if self.manifest is not None else "")
                  + f", {self.live_keys} live keys"]
+        m = self.manifest
+        if m is not None:
+            state = (f"{self.snapshot.entries} entries, {self.snapshot.bytes} bytes, checksum good"
+                     if self.snapshot is not None else "NOT LOADED (see the problem below)")
+            lines.append(f"  {MANIFEST_NAME}: snapshot {snapshot_name(m.seal_seqno)} holds the state at seqno "
+                         f"{m.seal_seqno}; the log goes on at {segment_name(m.next_segno)}")
+            lines.append(f"  {snapshot_name(m.seal_seqno)}: {state}")
+        for name in self.leftovers:
+            lines.append(f"  {name}: left by an interrupted compaction (removed on open)")
         for s in self.segments:
             span = f"seqnos {s.first_seqno}-{s.last_seqno}" if s.records else "no records"
             lines.append(f"  {s.path.name}: {s.records} records, {span}, {s.size} bytes, records end at {s.end}")
@@ -388,7 +593,11 @@ class CheckReport:
                 )
             else:
                 lines.append(f"verdict: CORRUPT ({self.reason}); the daemon refuses to start")
-                if self.dropped_seqnos:
+                if p.kind in _UNREPAIRABLE:
+                    lines.append("repair cannot help: the snapshot holds every record up to its seal point and "
+                                 "the segments before it are gone; restore the data dir from a backup, or move "
+                                 "it aside to start empty")
+                elif self.dropped_seqnos:
                     a, b = self.dropped_seqnos
                     lines.append(
                         f"repair drops seqnos {a}-{b} ({len(self.intact_after)} of them intact after the damage: "
@@ -398,7 +607,7 @@ class CheckReport:
                     lines.append(f"repair drops the unreadable bytes after seqno {p.last_good_seqno}")
         for action in self.actions:
             lines.append(f"repair: {action}")
-        if p is not None and not self.repaired and self.verdict == "corrupt":
+        if p is not None and not self.repaired and self.verdict == "corrupt" and p.kind not in _UNREPAIRABLE:
             lines.append(f"to cut the log at the damage: walcache check-log --repair {self.data_dir}")
         return "\n".join(lines)
 
@@ -427,14 +636,29 @@ def check_log(data_dir: Path, *, repair: bool = False, fileops: FileOps | None =
     if lock is not None:
         lock.acquire()
     try:
+        if lock is not None:
+            wait_for_compactor(data_dir)  # a compactor of a dead daemon must not run beside a repair
         report = CheckReport(data_dir)
         report.tmp_files = sorted(n for n in fo.listdir(data_dir)
                                   if n.endswith(".log.tmp") and parse_segment_name(n[:-4]) is not None)
         table = DictTable()
         now = int(time.time() * 1000)
+        apply_fn: Callable[[int, Sequence[Op]], object] = lambda s, ops: apply_ops(table, s, ops, now)
+        manifest, problem = _manifest_or_problem(data_dir, fo)
+        report.manifest = manifest
+        scan = LogScan()
         with _gc_paused():
-            scan = read_log(data_dir, lambda s, ops: apply_ops(table, s, ops, now), fileops=fo)
-        verdict = classify(scan, fo)
+            if manifest is not None:
+                report.snapshot, problem = load_snapshot(data_dir, manifest, apply_fn, fo)
+            if problem is None:
+                scan = read_log(data_dir, apply_fn, fileops=fo,
+                                first_segno=manifest.next_segno if manifest is not None else None)
+                problem = _check_start(data_dir, scan, manifest)
+        if problem is None:
+            verdict = classify(scan, fo)
+            report.leftovers = leftovers(data_dir, manifest, fo)
+        else:
+            verdict = Verdict("corrupt", problem, "what the MANIFEST names is durable before it is named")
         report.verdict = verdict.kind
         report.records = scan.records
         report.first_seqno = scan.first_seqno
@@ -452,7 +676,9 @@ def check_log(data_dir: Path, *, repair: bool = False, fileops: FileOps | None =
             report.damaged_bytes = max(0, verdict.damaged_end - p.offset)
             report.intact_after = [r.seqno for r in verdict.intact_after if r.seqno > p.last_good_seqno]
             later_paths = [path for n, path in list_segments(data_dir, fo) if n > p.segno]
-            if p.kind in ("header", "segment-number", "seqno-gap", "missing-segment"):
+            if p.kind in _UNREPAIRABLE:
+                later_paths = []
+            elif p.kind in ("header", "segment-number", "seqno-gap", "missing-segment"):
                 later_paths = [path for n, path in list_segments(data_dir, fo) if n >= p.segno]
                 report.intact_after = []
             report.intact_after += [s for s in _later_segment_seqnos(fo, later_paths) if s > p.last_good_seqno]
@@ -467,6 +693,8 @@ def check_log(data_dir: Path, *, repair: bool = False, fileops: FileOps | None =
 
 
 def _repair(fo: FileOps, data_dir: Path, report: CheckReport, v: Verdict, later_paths: list[Path]) -> None:
+    if v.problem is not None and v.problem.kind in _UNREPAIRABLE:
+        raise _corrupt_error(data_dir, v)
     for name in report.tmp_files:
         fo.unlink(data_dir / name)
         report.actions.append(f"removed {name}")

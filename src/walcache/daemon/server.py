@@ -28,11 +28,22 @@ replies always come back in request order (pipelining).
 An fsync or write error is never retried: the batch is answered with LogFailed,
 nothing of it is applied, and the daemon exits non-zero so that the next start
 recovers from the log (systemd restarts it).
+
+Compaction (the procedure and its crash table are in compaction.py). The
+daemon's part: decide when (``walcache compact``, or automatically once the
+log is at least ``compact_min_bytes`` and ``compact_dead_ratio`` of it is
+dead), seal on the flusher thread between two batches, wait until the table
+has applied every record up to the seal, start the compactor process, answer
+its handshake, read its result line, and keep the figures for ``stats()``.
+The loop never waits for the compactor: its stdout is one more fd in the
+selector. One compaction at a time; a failure backs off (5 s, doubling up
+to 10 min) and is logged; a manual request is not held back by the backoff.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import queue
@@ -40,9 +51,11 @@ import selectors
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,9 +78,11 @@ from ..protocol import PROTOCOL_VERSION, BadRequest, Request, ServerProtocol
 from ..shm.writer import ShmTable
 from . import notify
 from .apply import OP_DELETE, OP_PUT, apply_ops
+from .compaction import EXIT_BUSY, EXIT_ORPHANED, compactor_command
 from .fileops import FileOps
 from .lock import DataDirLock
-from .recovery import open_log
+from .recovery import open_log, snapshot_hint
+from .walformat import parse_segment_name, parse_snapshot_name
 
 log = logging.getLogger("walcache.daemon")
 
@@ -88,7 +103,7 @@ def _now_ms() -> int:
 
 
 class _Conn:
-    __slots__ = ("sock", "proto", "out", "inflight", "events", "closing", "uid", "pid", "name")
+    __slots__ = ("sock", "proto", "out", "inflight", "events", "closing", "uid", "pid", "name", "parked")
 
     def __init__(self, sock: socket.socket, max_frame: int, uid: int, pid: int, name: str) -> None:
         self.sock = sock
@@ -100,6 +115,9 @@ class _Conn:
         self.uid = uid
         self.pid = pid
         self.name = name
+        # Waiting for a compaction's answer: its later requests stay unparsed, so that
+        # replies keep request order.
+        self.parked = False
 
 
 class _Item:
@@ -119,6 +137,13 @@ class _Item:
         self.result: Any = None  # read: a callable; error: the exception
 
 
+class _SealRequest:
+    """A flusher job: seal the log (compaction step 1) between two batches."""
+
+
+_SEAL = _SealRequest()
+
+
 class _Flusher(threading.Thread):
     """Writes and syncs one batch at a time; tells the loop through a pipe."""
 
@@ -127,8 +152,10 @@ class _Flusher(threading.Thread):
         self.writer = writer
         self.wake_fd = wake_fd
         self.interval_s = interval_s
-        self.jobs: queue.Queue[bytes | None] = queue.Queue()
+        self.jobs: queue.Queue[bytes | _SealRequest | None] = queue.Queue()
         self.done: deque[tuple[BaseException | None, float]] = deque()
+        # Seal results for the loop: (sealed segno K, seal seqno S) or the error.
+        self.seals: deque[tuple[int, int] | BaseException] = deque()
         # Recent figures for stats: whole appends (write + sync) and the syncs alone.
         self.latencies: deque[float] = deque(maxlen=100_000)
         self.sync_latencies: deque[float] = deque(maxlen=100_000)
@@ -148,6 +175,14 @@ class _Flusher(threading.Thread):
                 continue
             if data is None:
                 return
+            if isinstance(data, _SealRequest):
+                # A job boundary is a batch boundary: every record handed over so far is appended.
+                try:
+                    self.seals.append(self.writer.seal())
+                except BaseException as exc:  # noqa: BLE001 - reported to the loop
+                    self.seals.append(exc)
+                os.write(self.wake_fd, b"s")
+                continue
             t0 = time.perf_counter()
             syncs = self.writer.syncs
             err: BaseException | None = None
@@ -162,6 +197,30 @@ class _Flusher(threading.Thread):
                     self.sync_latencies.append(self.writer.last_sync_seconds)
             self.done.append((err, dt))
             os.write(self.wake_fd, b"d")
+
+
+COMPACT_REPLY_WAIT_S = 3.0  # below the client's default 5 s timeout
+COMPACT_BACKOFF_FIRST_S = 5.0
+COMPACT_BACKOFF_MAX_S = 600.0
+
+
+@dataclass
+class _Compaction:
+    """The one compaction in progress: sealing -> applying -> running -> exiting."""
+
+    trigger: str  # "manual" or "auto"
+    started: float  # time.time()
+    t0: float  # time.monotonic()
+    bytes_before: int
+    phase: str = "sealing"
+    seal_seqno: int = 0
+    next_segno: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    out: bytearray = field(default_factory=bytearray)
+    result: dict[str, Any] | None = None
+    waiters: list[tuple[_Conn, int]] = field(default_factory=list)  # parked `compact` requests
+    reply_deadline: float = float("inf")
+    exit_wait_until: float = 0.0
 
 
 class Daemon:
@@ -191,6 +250,17 @@ class Daemon:
         self.reload_requested = False
         self.listener: socket.socket | None = None
         self._socket_ino: tuple[int, int] | None = None
+        # Compaction (see the module doc).
+        self.compaction: _Compaction | None = None
+        self.compactions = 0
+        self.compaction_failures = 0
+        self.last_compaction: dict[str, Any] | None = None
+        self.last_compaction_error: dict[str, Any] | None = None
+        self.snapshot_seqno = 0  # the seal point of the snapshot the MANIFEST names
+        self._backoff_s = 0.0
+        self._backoff_until = 0.0
+        self._acct_segno = -1  # the active segment when _acct_sealed was measured
+        self._acct_sealed = 0  # bytes of the snapshot and every sealed segment
 
     # ------------------------------------------------------------------ start
 
@@ -202,9 +272,13 @@ class Daemon:
         self.lock.acquire()
         gid = _group_id(cfg.shm_group)
         t0 = time.perf_counter()
+        # A snapshot says how many keys are coming: size the table for them up front, so
+        # that loading it does not rebuild the table again and again as it grows.
+        snap_entries, snap_bytes = snapshot_hint(self.data_dir)
         self.table = ShmTable.create(
             self.namespace,
-            capacity=max(16, cfg.initial_capacity),
+            capacity=max(16, cfg.initial_capacity, snap_entries + snap_entries // 4),
+            data_bytes=max(1 << 20, 2 * (snap_bytes + 16 * snap_entries)),
             max_memory=cfg.max_memory,
             mode=0o640 if gid is not None else 0o600,
             gid=gid,
@@ -219,6 +293,7 @@ class Daemon:
             segment_bytes=cfg.segment_bytes,
         )
         self.logged_seqno = self.writer.next_seqno - 1
+        self.snapshot_seqno = report.snapshot.seal_seqno if report.snapshot is not None else 0
         self.table.publish()
         log.info(
             "recovered %d records (last seqno %d) into %d keys in %.3f s; published /%s",
@@ -284,13 +359,15 @@ class Daemon:
         log.info("ready: pid %d, fsync %s, %d keys", os.getpid(), self.cfg.fsync, len(self.table))
         next_tick = time.monotonic() + tick
         while True:
-            timeout = max(0.0, next_tick - time.monotonic())
+            timeout = max(0.0, min(next_tick, self._compaction_deadline()) - time.monotonic())
             for key, mask in self.sel.select(timeout):
                 tag = key.data
                 if tag == "accept":
                     self._accept()
                 elif tag == "wake":
                     self._drain_wake()
+                elif tag == "compactor":
+                    self._on_compactor_output()
                 else:
                     conn: _Conn = tag
                     if mask & selectors.EVENT_READ:
@@ -300,6 +377,7 @@ class Daemon:
             if self.reload_requested:
                 self.reload_requested = False
                 self._reload()
+            self._compaction_step()  # cheap when idle: a few integer compares
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + tick
@@ -391,7 +469,10 @@ class Daemon:
         if conn.closing or self.stopping:
             return  # after an error or during shutdown, input is ignored
         conn.proto.receive_data(data)
-        while True:
+        self._parse_requests(conn)
+
+    def _parse_requests(self, conn: _Conn) -> None:
+        while not conn.parked:
             try:
                 req = conn.proto.next_request()
             except BadRequest as bad:
@@ -445,7 +526,10 @@ class Daemon:
         elif op == "get":
             reader = lambda: self._get(args[0])
         elif op == "compact":
-            reader = self._compact
+            if conn.inflight == 0:
+                self._compact_request(conn, req_id)
+                return
+            reader = self._compact  # pipelined behind writes: answer in order, without waiting
         else:  # pragma: no cover - protocol.OPS and this dispatch list change together
             raise AssertionError(op)
         if conn.inflight == 0:
@@ -659,7 +743,7 @@ class Daemon:
         # Backpressure: stop reading a connection whose unparsed input plus
         # unsent replies exceed max_pending_bytes; resume once it drains.
         backlog = len(conn.out) + conn.proto.buffered
-        want_read = not conn.closing and backlog <= self.cfg.max_pending_bytes
+        want_read = not conn.closing and not conn.parked and backlog <= self.cfg.max_pending_bytes
         events = (selectors.EVENT_READ if want_read else 0) | (
             selectors.EVENT_WRITE if conn.out else 0
         )
@@ -710,8 +794,330 @@ class Daemon:
             return None
         return [vflag, value]
 
+    # ------------------------------------------------------------- compaction
+
     def _compact(self) -> dict[str, Any]:
-        raise ServerError("compaction is not available in this version of the daemon")
+        """The ``compact`` op pipelined behind writes: start one (or say one runs), do not wait."""
+        if self.fatal is not None or self.stopping:
+            raise ServerError("the daemon is stopping: no compaction")
+        if self.compaction is not None:
+            return self._compaction_status("already running")
+        self._start_compaction("manual")
+        return self._compaction_status("started")
+
+    def _compact_request(self, conn: _Conn, req_id: int) -> None:
+        """The ``compact`` op: start a compaction and answer once it is done (or after a while).
+
+        The connection is parked meanwhile (its later requests wait unparsed), so
+        replies stay in request order. After COMPACT_REPLY_WAIT_S the answer says it
+        is still running: a client's default timeout is 5 s.
+        """
+        if self.fatal is not None or self.stopping:
+            self._send(conn, ServerProtocol.error(req_id, ServerError("the daemon is stopping: no compaction")))
+            return
+        if self.compaction is not None:
+            self._send(conn, ServerProtocol.reply(req_id, self._compaction_status("already running")))
+            return
+        self._start_compaction("manual")
+        c = self.compaction
+        assert c is not None
+        conn.inflight += 1
+        conn.parked = True
+        c.waiters.append((conn, req_id))
+        c.reply_deadline = min(c.reply_deadline, time.monotonic() + COMPACT_REPLY_WAIT_S)
+        self._update_interest(conn)
+
+    def _start_compaction(self, trigger: str) -> None:
+        """Step 1: hand the flusher a seal job; the rest follows in _compaction_step."""
+        assert self.compaction is None
+        self.compaction = _Compaction(trigger, time.time(), time.monotonic(), _log_bytes(self.data_dir))
+        self.flusher.jobs.put(_SEAL)
+        log.info("compaction (%s) starting: sealing the log at the next batch boundary", trigger)
+
+    def _compaction_deadline(self) -> float:
+        """When the loop must look at the compaction again without an event (monotonic)."""
+        c = self.compaction
+        if c is None:
+            return float("inf")
+        if c.phase == "exiting":
+            return time.monotonic() + 0.01
+        return c.reply_deadline
+
+    def _compaction_step(self) -> None:
+        """Advance the compaction that runs, or start one when the log calls for it."""
+        c = self.compaction
+        if c is None:
+            if self._auto_compaction_due():
+                self._start_compaction("auto")
+            return
+        if self.fatal is not None:
+            return
+        if c.phase == "sealing" and self.flusher.seals:
+            sealed = self.flusher.seals.popleft()
+            if isinstance(sealed, BaseException):
+                self._finish_compaction("failed", error=f"sealing the log failed: {sealed}")
+                self._fail(sealed, [], what="sealing the log for compaction")
+                return
+            k, s = sealed
+            c.seal_seqno, c.next_segno = s, k + 1
+            if s <= self.snapshot_seqno:
+                self._finish_compaction("nothing to compact")
+                return
+            c.phase = "applying"
+        if c.phase == "applying":
+            # The flusher sealed after the batch holding S was written; the loop applies
+            # that batch when it hears of it. The compactor reads the table: wait for it.
+            if int(self.table.stats()["applied_seqno"]) < c.seal_seqno:
+                return
+            self._spawn_compactor(c)
+        if c.phase == "exiting":
+            self._reap_compactor(c)
+            return
+        if c.waiters and time.monotonic() >= c.reply_deadline:
+            waiters, c.waiters = c.waiters, []
+            c.reply_deadline = float("inf")
+            self._answer_waiters(waiters, ServerProtocol.reply, self._compaction_status("running"))
+
+    def _spawn_compactor(self, c: _Compaction) -> None:
+        cmd = compactor_command(self.data_dir, self.namespace, c.seal_seqno, c.next_segno)
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        except OSError as exc:
+            self._finish_compaction("failed", error=f"could not start the compactor: {exc}")
+            return
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        self.sel.register(proc.stdout, selectors.EVENT_READ, "compactor")
+        c.proc = proc
+        c.phase = "running"
+        log.info(
+            "compaction: sealed at seqno %d (segments below %d); compactor pid %d started",
+            c.seal_seqno, c.next_segno, proc.pid,
+        )  # fmt: skip
+
+    def _on_compactor_output(self) -> None:
+        c = self.compaction
+        assert c is not None and c.proc is not None and c.proc.stdout is not None
+        fd = c.proc.stdout.fileno()
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            c.out += data
+            while b"\n" in c.out:
+                line, _, rest = bytes(c.out).partition(b"\n")
+                c.out = bytearray(rest)
+                self._on_compactor_line(c, line)
+            return
+        # EOF: it exited (or was killed); reap it without blocking the loop for long.
+        self.sel.unregister(c.proc.stdout)
+        c.proc.stdout.close()
+        c.phase = "exiting"
+        self._reap_compactor(c)
+
+    def _on_compactor_line(self, c: _Compaction, line: bytes) -> None:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            log.warning("compactor pid %d wrote %r, not a JSON line", c.proc.pid if c.proc else 0, line[:200])
+            return
+        if not isinstance(doc, dict):
+            return
+        if doc.get("status") == "locked":
+            # The handshake (compaction.py): we are alive and own the data dir, so it may go on.
+            assert c.proc is not None and c.proc.stdin is not None
+            try:
+                c.proc.stdin.write(b"go\n")
+                c.proc.stdin.flush()
+            except OSError:
+                pass  # it died: EOF on its stdout follows
+            return
+        c.result = doc
+
+    def _reap_compactor(self, c: _Compaction) -> None:
+        assert c.proc is not None
+        code = c.proc.poll()
+        if code is None:
+            if not c.exit_wait_until:
+                c.exit_wait_until = time.monotonic() + 5.0
+            if time.monotonic() < c.exit_wait_until:
+                return  # it closed its stdout and exits in a moment: look again shortly
+            c.proc.kill()
+            code = c.proc.wait()
+        if c.proc.stdin is not None:
+            try:
+                c.proc.stdin.close()
+            except OSError:
+                pass
+        doc = c.result or {}
+        status = doc.get("status")
+        if code == 0 and status == "done":
+            self._finish_compaction("done", doc=doc)
+        elif code == 0 and status == "nothing to compact":
+            self._finish_compaction("nothing to compact")
+        elif code == EXIT_BUSY:
+            self._finish_compaction("failed", error=f"another compactor (pid {doc.get('pid')}) holds the lock")
+        else:
+            why = doc.get("error") or (
+                f"killed by signal {-code}" if code < 0 else
+                "it lost the daemon" if code == EXIT_ORPHANED else f"exit code {code}"
+            )  # fmt: skip
+            self._finish_compaction("failed", error=f"compactor pid {c.proc.pid}: {why}")
+
+    def _finish_compaction(self, status: str, *, doc: dict[str, Any] | None = None, error: str = "") -> None:
+        c = self.compaction
+        assert c is not None
+        self.compaction = None
+        waiters, c.waiters = c.waiters, []
+        self._acct_segno = -1  # files changed: measure again
+        seconds = round(time.monotonic() - c.t0, 3)
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(c.started))
+        if status == "done":
+            assert doc is not None
+            self.compactions += 1
+            self.snapshot_seqno = c.seal_seqno
+            self._backoff_s = 0.0
+            self._backoff_until = 0.0
+            after = _log_bytes(self.data_dir)
+            self.last_compaction = {
+                "status": "done",
+                "when": when,
+                "trigger": c.trigger,
+                "seconds": seconds,
+                "seal_seqno": c.seal_seqno,
+                "entries": doc.get("entries"),
+                "snapshot_bytes": doc.get("snapshot_bytes"),
+                "bytes_reclaimed": doc.get("reclaimed_bytes"),
+                "log_bytes_before": c.bytes_before,
+                "log_bytes_after": after,
+                "scan_seconds": round(float(doc.get("scan_seconds", 0.0)), 3),
+            }
+            log.info(
+                "compaction (%s) done in %.3f s: state at seqno %d in %d entries; log %d -> %d bytes (%s reclaimed)",
+                c.trigger, seconds, c.seal_seqno, doc.get("entries", 0), c.bytes_before, after,
+                doc.get("reclaimed_bytes"),
+            )  # fmt: skip
+            self._answer_waiters(waiters, ServerProtocol.reply, dict(self.last_compaction))
+        elif status == "nothing to compact":
+            log.info("compaction (%s): nothing to compact (no record since the snapshot at seqno %d)",
+                     c.trigger, self.snapshot_seqno)
+            self._answer_waiters(waiters, ServerProtocol.reply, {"status": status, "snapshot_seqno": self.snapshot_seqno})
+        elif status == "aborted":
+            log.info("compaction (%s) up to seqno %d abandoned: %s; the log is consistent as it is",
+                     c.trigger, c.seal_seqno, error)
+            self._answer_waiters(waiters, ServerProtocol.error, ServerError(f"compaction abandoned: {error}"))
+        else:
+            self.compaction_failures += 1
+            self._backoff_s = min(COMPACT_BACKOFF_MAX_S, self._backoff_s * 2 or COMPACT_BACKOFF_FIRST_S)
+            self._backoff_until = time.monotonic() + self._backoff_s
+            self.last_compaction_error = {"when": when, "trigger": c.trigger, "seal_seqno": c.seal_seqno,
+                                          "error": error, "seconds": seconds}
+            log.error(
+                "compaction (%s) up to seqno %d failed after %.3f s: %s; the log is unchanged and consistent; "
+                "the next automatic attempt waits %.0f s",
+                c.trigger, c.seal_seqno, seconds, error, self._backoff_s,
+            )  # fmt: skip
+            self._answer_waiters(waiters, ServerProtocol.error, ServerError(f"compaction failed: {error}"))
+
+    def _answer_waiters(self, waiters: list[tuple[_Conn, int]], make: Callable[[int, Any], bytes], value: Any) -> None:
+        for conn, req_id in waiters:
+            conn.inflight -= 1
+            conn.parked = False
+            if conn.sock.fileno() < 0:
+                continue
+            conn.out += make(req_id, value)
+            self._flush_out(conn)
+            if conn.sock.fileno() >= 0 and not self.stopping:
+                self._parse_requests(conn)  # what it sent meanwhile
+
+    def _compaction_status(self, status: str) -> dict[str, Any]:
+        c = self.compaction
+        out: dict[str, Any] = {"status": status, "snapshot_seqno": self.snapshot_seqno}
+        if c is not None:
+            out.update(
+                trigger=c.trigger,
+                phase=c.phase,
+                seal_seqno=c.seal_seqno,
+                running_s=round(time.monotonic() - c.t0, 3),
+                pid=c.proc.pid if c.proc is not None else None,
+            )
+        if status == "running":
+            out["detail"] = "it goes on in the background; stats()['last_compaction'] shows the result"
+        return out
+
+    def _log_record_bytes(self) -> int:
+        """Bytes of the snapshot, the sealed segments and the active one's records (no preallocation)."""
+        writer = self.writer
+        segno = writer.segno
+        if segno != self._acct_segno:
+            total = 0
+            try:
+                entries = list(os.scandir(self.data_dir))
+            except OSError:
+                entries = []
+            for entry in entries:
+                n = parse_segment_name(entry.name)
+                if (n is not None and n != segno) or parse_snapshot_name(entry.name) is not None:
+                    try:
+                        total += entry.stat().st_size
+                    except FileNotFoundError:
+                        pass  # deleted by the compactor meanwhile
+            self._acct_sealed, self._acct_segno = total, segno
+        return self._acct_sealed + writer.offset
+
+    def _auto_compaction_due(self) -> bool:
+        if self.stopping or self.fatal is not None or time.monotonic() < self._backoff_until:
+            return False
+        if self.writer.written_seqno <= self.snapshot_seqno:
+            return False  # nothing new since the snapshot
+        size = self._log_record_bytes()
+        if size < max(1, self.cfg.compact_min_bytes):
+            return False
+        dead = size - self.table.used_bytes
+        return dead >= self.cfg.compact_dead_ratio * size
+
+    def _compaction_stats(self) -> dict[str, Any]:
+        size = self._log_record_bytes()
+        live = self.table.used_bytes
+        return {
+            "log_record_bytes": size,
+            "dead_ratio": round(max(0, size - live) / size, 4) if size else 0.0,
+            "snapshot_seqno": self.snapshot_seqno,
+            "compactions": self.compactions,
+            "compaction_failures": self.compaction_failures,
+            "compaction": self._compaction_status("running") if self.compaction is not None else None,
+            "last_compaction": self.last_compaction,
+            "last_compaction_error": self.last_compaction_error,
+            "compaction_backoff_s": round(max(0.0, self._backoff_until - time.monotonic()), 1),
+        }
+
+    def _stop_compactor(self) -> None:
+        """At shutdown: a compactor stops at once when its stdin closes (any step is safe)."""
+        c = self.compaction
+        if c is None:
+            return
+        if c.proc is not None:
+            if c.proc.stdin is not None:
+                try:
+                    c.proc.stdin.close()
+                except OSError:
+                    pass
+            try:
+                c.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+            if c.proc.stdout is not None and not c.proc.stdout.closed:
+                try:
+                    self.sel.unregister(c.proc.stdout)
+                except (KeyError, ValueError):
+                    pass
+                c.proc.stdout.close()
+        self._finish_compaction("aborted", error="the daemon is stopping")
+
 
     def stats(self) -> dict[str, Any]:
         commits = sorted(self.flusher.latencies)
@@ -738,6 +1144,7 @@ class Daemon:
             "fsync_p99_us": _percentile_us(syncs, 0.99),
             "log_bytes": _log_bytes(self.data_dir),
             "live_bytes": self.table.used_bytes,
+            **self._compaction_stats(),
             "shm_bytes": table["segment_bytes"],
             "max_memory": self.cfg.max_memory,
             "table": table,
@@ -789,6 +1196,7 @@ class Daemon:
     # ---------------------------------------------------------------- stop
 
     def _shutdown(self) -> int:
+        self._stop_compactor()
         deadline = time.monotonic() + 5.0
         while any(c.out for c in self.conns.values()) and time.monotonic() < deadline:
             for key, mask in self.sel.select(0.05):
@@ -824,8 +1232,12 @@ def _log_bytes(data_dir: Path) -> int:
     """Bytes of log files (segments and snapshots) in the data dir."""
     total = 0
     for entry in os.scandir(data_dir):
-        if entry.name.endswith((".log", ".snap")) and entry.is_file():
-            total += entry.stat().st_size
+        if entry.name.endswith((".log", ".snap")):
+            try:
+                if entry.is_file():
+                    total += entry.stat().st_size
+            except FileNotFoundError:
+                pass  # the compactor deleted it meanwhile
     return total
 
 

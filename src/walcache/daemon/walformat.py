@@ -93,6 +93,73 @@ Every byte of a record, padding included, is covered by its checksum, so any
 single-byte change is detected.
 
 Any change here bumps the version (:data:`FORMAT_VERSION`).
+
+Snapshots and the manifest
+==========================
+
+Compaction (compaction.py) replaces every segment up to a seal point S with a
+snapshot: the state after record S, one entry per live key, and names it in
+the manifest. Both are written once (tmp file, fdatasync, rename, directory
+fsync) and never modified; only the snapshot the manifest names counts.
+
+Snapshot file ``snap-<S:016x>.snap``: a 64-byte header
+(:data:`SNAPSHOT_HEADER`), the entries back to back, a 32-byte footer
+(:data:`SNAPSHOT_FOOTER`). Little-endian::
+
+    header
+    off  size  type   meaning
+    0    8     bytes  magic b"WALCSNAP"
+    8    4     u32    snapshot format version (:data:`SNAPSHOT_VERSION`)
+    12   4     u32    header size = 64: the first entry starts here
+    16   8     u64    seal seqno S: the entries are the state after every record <= S
+    24   8     u64    next segno: the segment whose first record is S+1 (replay goes on there)
+    32   8     u64    creation time, Unix ns (informational)
+    40   4     u32    salt of the log (its segment headers')
+    44   16    -      reserved, zero
+    60   4     u32    CRC trailer over bytes 0..59: crc32(bytes 0..59, RESIDUE) == RESIDUE
+
+    entry (:data:`SNAPSHOT_ENTRY`, 24 bytes, then key and value, no padding)
+    0    2     u16    klen (>= 1)
+    2    1     u8     vflag
+    3    1     -      zero
+    4    4     u32    vlen
+    8    8     u64    seqno of the key's latest record (<= S)
+    16   8     u64    expiry_ms, absolute Unix ms, 0 = never
+    24   klen  bytes  key, then vlen bytes value
+
+    footer (at file size - 32)
+    0    8     bytes  magic b"WALCSEND"
+    8    8     u64    entry count
+    16   8     u64    live bytes: sum of record_size(klen, vlen) over the entries
+    24   4     -      reserved, zero
+    28   4     u32    CRC: crc32 of every byte of the file before this field
+
+There are no tombstones: a snapshot replaces the whole log prefix up to S (a
+"full prefix" merge, in Bitcask's terms), so no older record of a deleted key
+is left to replay. One CRC covers the file: a snapshot is loaded whole or not
+at all, so there is no point locating damage inside it; the manifest repeats
+the size and CRC, so a different file under the same name is refused too.
+
+Manifest file ``MANIFEST`` (:data:`MANIFEST_RECORD`, 64 bytes)::
+
+    off  size  type   meaning
+    0    8     bytes  magic b"WALCMANI"
+    8    4     u32    manifest format version (:data:`MANIFEST_VERSION`)
+    12   4     u32    size = 64
+    16   8     u64    seal seqno S of the snapshot (>= 1)
+    24   8     u64    next segno: the first segment replayed after the snapshot;
+                      every segment below it is covered by the snapshot
+    32   8     u64    snapshot file size
+    40   8     u64    snapshot entry count (lets the daemon size its table up front)
+    48   4     u32    snapshot CRC (its footer's CRC field)
+    52   4     u32    salt of the log
+    56   4     -      reserved, zero
+    60   4     u32    CRC trailer over bytes 0..59 (as the segment header)
+
+No MANIFEST means no snapshot: the log must then start at segment 1, seqno 1.
+
+Any change to the snapshot layout bumps :data:`SNAPSHOT_VERSION`, to the
+manifest's :data:`MANIFEST_VERSION`.
 """
 
 from __future__ import annotations
@@ -136,6 +203,31 @@ __all__ = [
     "parse_segment_name",
     "record_size",
     "chain_value",
+    "SNAPSHOT_VERSION",
+    "SNAPSHOT_MAGIC",
+    "SNAPSHOT_END_MAGIC",
+    "SNAPSHOT_HEADER",
+    "SNAPSHOT_HEADER_SIZE",
+    "SNAPSHOT_ENTRY",
+    "SNAPSHOT_FOOTER",
+    "SNAPSHOT_FOOTER_SIZE",
+    "MANIFEST_VERSION",
+    "MANIFEST_MAGIC",
+    "MANIFEST_RECORD",
+    "MANIFEST_NAME",
+    "SnapshotHeader",
+    "SnapshotFooter",
+    "Manifest",
+    "encode_snapshot_header",
+    "decode_snapshot_header",
+    "encode_snapshot_entry",
+    "encode_snapshot_footer",
+    "decode_snapshot_footer",
+    "check_snapshot",
+    "encode_manifest",
+    "decode_manifest",
+    "snapshot_name",
+    "parse_snapshot_name",
 ]
 
 Op = tuple[int, bytes, int, bytes, int]
@@ -407,4 +499,154 @@ def segment_name(segno: int) -> str:
 def parse_segment_name(name: str) -> int | None:
     """The segment number of a segment file name, None for any other name."""
     m = _SEGMENT_NAME.fullmatch(name)
+    return int(m.group(1), 16) if m else None
+
+
+
+# --------------------------------------------------------------------- snapshots and the manifest
+
+SNAPSHOT_VERSION = 1
+SNAPSHOT_MAGIC = b"WALCSNAP"
+SNAPSHOT_END_MAGIC = b"WALCSEND"
+
+SNAPSHOT_HEADER = struct.Struct("<8sIIQQQI16xI")
+"""magic, version, header size, seal seqno, next segno, created ns, salt, (16 reserved), crc."""
+SNAPSHOT_HEADER_SIZE = SNAPSHOT_HEADER.size  # 64
+
+SNAPSHOT_ENTRY = struct.Struct("<HBxIQQ")
+"""klen, vflag, (zero), vlen, seqno, expiry_ms."""
+
+SNAPSHOT_FOOTER = struct.Struct("<8sQQ4xI")
+"""magic, entry count, live bytes, (4 reserved), crc of everything before the crc."""
+SNAPSHOT_FOOTER_SIZE = SNAPSHOT_FOOTER.size  # 32
+
+MANIFEST_VERSION = 1
+MANIFEST_MAGIC = b"WALCMANI"
+MANIFEST_NAME = "MANIFEST"
+
+MANIFEST_RECORD = struct.Struct("<8sIIQQQQII4xI")
+"""magic, version, size, seal seqno, next segno, snapshot size, entries, snapshot crc, salt, (4), crc."""
+
+_SNAPSHOT_NAME = re.compile(r"snap-([0-9a-f]{16})\.snap")
+
+
+class SnapshotHeader(NamedTuple):
+    seal_seqno: int
+    next_segno: int
+    created_ns: int
+    salt: int
+
+
+class SnapshotFooter(NamedTuple):
+    entries: int
+    live_bytes: int
+    crc: int
+
+
+class Manifest(NamedTuple):
+    seal_seqno: int
+    next_segno: int
+    snapshot_bytes: int
+    entries: int
+    snapshot_crc: int
+    salt: int
+
+
+def _sealed_64(body_60: bytes) -> bytes:
+    """A 60-byte body plus the trailer that makes crc32(all 64, RESIDUE) == RESIDUE."""
+    return body_60 + CRC_TRAILER.pack(zlib.crc32(body_60, RESIDUE))
+
+
+def encode_snapshot_header(seal_seqno: int, next_segno: int, created_ns: int, salt: int) -> bytes:
+    if seal_seqno < 1 or next_segno < 2:
+        raise ValueError(f"a snapshot needs seal seqno >= 1 and next segno >= 2, not {seal_seqno}, {next_segno}")
+    body = SNAPSHOT_HEADER.pack(
+        SNAPSHOT_MAGIC, SNAPSHOT_VERSION, SNAPSHOT_HEADER_SIZE, seal_seqno, next_segno, created_ns, salt, 0
+    )[:-4]
+    return _sealed_64(body)
+
+
+def decode_snapshot_header(buf: bytes | bytearray | memoryview) -> SnapshotHeader:
+    """The header at the start of ``buf``; RecordError (kind ``snapshot``) if it is not one."""
+    if len(buf) < SNAPSHOT_HEADER_SIZE:
+        raise RecordError("snapshot", f"{len(buf)} bytes cannot hold the {SNAPSHOT_HEADER_SIZE}-byte header")
+    if zlib.crc32(memoryview(buf)[:SNAPSHOT_HEADER_SIZE], RESIDUE) != RESIDUE:
+        raise RecordError("snapshot", "snapshot header checksum mismatch")
+    magic, version, hsize, seal, nxt, created, salt, _ = SNAPSHOT_HEADER.unpack_from(buf, 0)
+    if magic != SNAPSHOT_MAGIC:
+        raise RecordError("snapshot", f"bad magic {magic!r}")
+    if version != SNAPSHOT_VERSION or hsize != SNAPSHOT_HEADER_SIZE:
+        raise RecordError(
+            "snapshot", f"snapshot format version {version} (header {hsize} B); this walcache reads {SNAPSHOT_VERSION}"
+        )
+    if seal < 1 or nxt < 2:
+        raise RecordError("snapshot", f"seal seqno {seal} / next segno {nxt}")
+    return SnapshotHeader(seal, nxt, created, salt)
+
+
+def encode_snapshot_entry(key: bytes, vflag: int, value: bytes, seqno: int, expiry_ms: int) -> bytes:
+    """One entry (header, key, value); ValueError for what the layout cannot hold."""
+    if not 1 <= len(key) <= MAX_KEY_BYTES or len(value) > _U32 or not 0 <= vflag <= 255:
+        raise ValueError(f"entry with a {len(key)}-byte key, {len(value)}-byte value, vflag {vflag}")
+    return SNAPSHOT_ENTRY.pack(len(key), vflag, len(value), seqno, expiry_ms) + key + value
+
+
+def encode_snapshot_footer(entries: int, live_bytes: int, crc_so_far: int) -> bytes:
+    """The footer; ``crc_so_far`` is crc32 of every byte before it (header and entries)."""
+    body = SNAPSHOT_FOOTER.pack(SNAPSHOT_END_MAGIC, entries, live_bytes, 0)[:-4]
+    return body + CRC_TRAILER.pack(zlib.crc32(body, crc_so_far))
+
+
+def decode_snapshot_footer(buf: bytes | bytearray | memoryview) -> SnapshotFooter:
+    """The footer at the end of ``buf`` (the whole file); checks its magic, not the CRC."""
+    if len(buf) < SNAPSHOT_HEADER_SIZE + SNAPSHOT_FOOTER_SIZE:
+        raise RecordError("snapshot", f"{len(buf)} bytes cannot hold a header and a footer")
+    magic, entries, live, crc = SNAPSHOT_FOOTER.unpack_from(buf, len(buf) - SNAPSHOT_FOOTER_SIZE)
+    if magic != SNAPSHOT_END_MAGIC:
+        raise RecordError("snapshot", f"no footer (magic {magic!r}): the file was cut short")
+    return SnapshotFooter(entries, live, crc)
+
+
+def check_snapshot(buf: bytes | bytearray | memoryview) -> tuple[SnapshotHeader, SnapshotFooter]:
+    """Header and footer of a whole snapshot file after its checksum passed; RecordError if not."""
+    header = decode_snapshot_header(buf)
+    footer = decode_snapshot_footer(buf)
+    if zlib.crc32(memoryview(buf)[: len(buf) - CRC_TRAILER.size]) != footer.crc:
+        raise RecordError("snapshot", "snapshot checksum mismatch")
+    return header, footer
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    if m.seal_seqno < 1 or m.next_segno < 2:
+        raise ValueError(f"a manifest needs seal seqno >= 1 and next segno >= 2: {m}")
+    body = MANIFEST_RECORD.pack(
+        MANIFEST_MAGIC, MANIFEST_VERSION, MANIFEST_RECORD.size, m.seal_seqno, m.next_segno,
+        m.snapshot_bytes, m.entries, m.snapshot_crc, m.salt, 0,
+    )[:-4]  # fmt: skip
+    return _sealed_64(body)
+
+
+def decode_manifest(buf: bytes | bytearray | memoryview) -> Manifest:
+    """The manifest in ``buf`` (exactly 64 bytes); RecordError (kind ``manifest``) if it is not one."""
+    if len(buf) != MANIFEST_RECORD.size:
+        raise RecordError("manifest", f"{len(buf)} bytes, a manifest has {MANIFEST_RECORD.size}")
+    if zlib.crc32(memoryview(buf), RESIDUE) != RESIDUE:
+        raise RecordError("manifest", "manifest checksum mismatch")
+    magic, version, size, seal, nxt, snap_bytes, entries, snap_crc, salt, _ = MANIFEST_RECORD.unpack_from(buf, 0)
+    if magic != MANIFEST_MAGIC:
+        raise RecordError("manifest", f"bad magic {magic!r}")
+    if version != MANIFEST_VERSION or size != MANIFEST_RECORD.size:
+        raise RecordError("manifest", f"manifest format version {version}; this walcache reads {MANIFEST_VERSION}")
+    if seal < 1 or nxt < 2:
+        raise RecordError("manifest", f"seal seqno {seal} / next segno {nxt}")
+    return Manifest(seal, nxt, snap_bytes, entries, snap_crc, salt)
+
+
+def snapshot_name(seal_seqno: int) -> str:
+    return f"snap-{seal_seqno:016x}.snap"
+
+
+def parse_snapshot_name(name: str) -> int | None:
+    """The seal seqno of a snapshot file name, None for any other name."""
+    m = _SNAPSHOT_NAME.fullmatch(name)
     return int(m.group(1), 16) if m else None

@@ -50,6 +50,13 @@ every one of them)::
 
 A crash before 3 leaves a .tmp that open_log deletes; after 3 the new segment
 is an empty newest segment whose first seqno continues the sealed one.
+
+Sealing for compaction. ``seal()`` is step 1 of compaction (compaction.py):
+it rotates at a group boundary (the flusher calls it between appends) and
+returns ``(K, S)``: every record up to seqno S lies in segments <= K, which
+are complete and durable, and segment K+1 starts at S+1. The writer never
+touches a sealed segment again, so the compactor may delete segments <= K
+once a snapshot of the state at S is named by the manifest.
 """
 
 from __future__ import annotations
@@ -238,8 +245,10 @@ class WalWriter:
     def rotate(self) -> int:
         """Seal the current segment and start the next (steps 1-5); returns the sealed segno.
 
-        For the rotation and compaction policy built on top. When the current
-        segment holds no record yet, nothing happens and its segno is returned.
+        When the current segment holds no record yet, nothing happens and its
+        segno is returned: that segment is then NOT sealed (it is the one being
+        appended to). Compaction must use :meth:`seal`, which says which
+        segments are really sealed.
         """
         with self._lock:
             if self.failed or self.closed:
@@ -252,6 +261,28 @@ class WalWriter:
             except OSError as exc:
                 raise self._fail(exc, "rotate") from exc
             return sealed
+
+    def seal(self) -> tuple[int, int]:
+        """Compaction step 1: ``(K, S)`` such that segments <= K hold exactly the records <= S.
+
+        Rotates if the current segment holds records (it becomes K; K+1 starts
+        at S+1). If it holds none, nothing is written: the records <= S are all
+        in older segments, which the rotation that ended them trimmed and
+        synced, and the current segment (K+1) starts at S+1. ``(0, 0)`` for a
+        log with no record at all. LogFailed on I/O errors, as append.
+        """
+        with self._lock:
+            if self.failed or self.closed:
+                raise self._unusable()
+            seal_seqno = self.written_seqno
+            if self.offset == SEGMENT_HEADER_SIZE:
+                return (self.segno - 1 if seal_seqno else 0), seal_seqno
+            sealed = self.segno
+            try:
+                self._rotate_locked(seal_seqno + 1)
+            except OSError as exc:
+                raise self._fail(exc, "seal") from exc
+            return sealed, seal_seqno
 
     def close(self) -> None:
         """Sync (unless failed) and close. Idempotent; LogFailed if the final sync fails."""
