@@ -311,9 +311,11 @@ def _client_main(
             gc.collect()
             conn.send(("armed", None))
             _, start_ns, deadline_ns = conn.recv()
-            conn.send(
-                ("result", _timed_run(store, wname, start_ns, deadline_ns, run_tag, client_id, nclients, record_count, values))
-            )
+            cpu0 = os.times()
+            result = _timed_run(store, wname, start_ns, deadline_ns, run_tag, client_id, nclients, record_count, values)
+            cpu1 = os.times()
+            result["cpu_s"] = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+            conn.send(("result", result))
     except BaseException:  # noqa: BLE001 - every failure goes back to the runner as text
         try:
             conn.send(("error", traceback.format_exc(limit=8)))
@@ -424,6 +426,55 @@ def _timed_run(
     }
 
 
+class CpuAccount:
+    """CPU used by other work during a cell: all CPUs' busy time minus ours.
+
+    Ours is the clients (they report their own CPU time), the server under test
+    (/proc/<pid>/stat) and this runner. Kernel threads that serve our own fsyncs
+    count as "other", so durable-write cells carry a few percent of their own.
+    """
+
+    _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self, server_pids: list[int]) -> None:
+        self.server_pids = server_pids
+        self.t0 = time.perf_counter()
+        self.busy0 = self._busy_s()
+        self.server0 = self._servers_s()
+        self.self0 = self._self_s()
+
+    def _busy_s(self) -> float:
+        try:
+            return _cpu_jiffies()[0] / self._TICK
+        except (OSError, ValueError, IndexError):
+            return float("nan")
+
+    def _servers_s(self) -> float:
+        total = 0.0
+        for pid in self.server_pids:
+            try:
+                # Fields after the ")" of comm: utime and stime are the 12th and 13th.
+                rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(rest[11]) + int(rest[12])) / self._TICK
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
+
+    @staticmethod
+    def _self_s() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def other_percent(self, clients_cpu_s: float) -> float | None:
+        wall = time.perf_counter() - self.t0
+        busy = self._busy_s() - self.busy0
+        ours = clients_cpu_s + (self._servers_s() - self.server0) + (self._self_s() - self.self0)
+        if busy != busy or wall <= 0:  # NaN: no /proc/stat
+            return None
+        ncpu = os.cpu_count() or 1
+        return round(max(busy - ours, 0.0) / (wall * ncpu) * 100.0, 1)
+
+
 class ClientGroup:
     """``nclients`` forked client processes, each with its own handle, driven over pipes."""
 
@@ -482,6 +533,7 @@ class ClientGroup:
                 raise RuntimeError(f"client {cid}: {msg[1]}")
         # Every client is armed and waiting on its pipe: start together, a little in the
         # future so the last one has read its message (16 clients share 2 cores).
+        cpu0 = CpuAccount(self.peer.server_pids())
         start_ns = time.perf_counter_ns() + 20_000_000 + 2_000_000 * self.nclients
         for c in self.conns:
             c.send(("go", start_ns, start_ns + dur_ns))
@@ -489,7 +541,10 @@ class ClientGroup:
         errors = [m[1] for m in msgs if m[0] == "error"]
         if errors:
             raise RuntimeError(errors[0])
-        return aggregate([m[1] for m in msgs])
+        parts = [m[1] for m in msgs]
+        agg = aggregate(parts)
+        agg["other_cpu_percent"] = cpu0.other_percent(sum(p["cpu_s"] for p in parts))
+        return agg
 
     def close(self) -> None:
         for c in self.conns:
@@ -808,8 +863,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
     lines.append("")
     lines.append("## Latency (µs, p50 / p99 per operation type)")
     lines.append("")
-    lines.append("| peer | workload | value | clients | ops/s | read | update | insert | read-modify-write | misses |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append(
+        "| peer | workload | value | clients | ops/s | read | update | insert | read-modify-write | misses | other CPU % |"
+    )
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for pid in peer_order:
         for vs in p["value_sizes"]:
             for nc in p["clients"]:
@@ -819,14 +876,17 @@ def render_markdown(doc: dict[str, Any]) -> str:
                         continue
                     if r["status"] != "ok":
                         err = _cell(r["error"].strip().splitlines()[-1][:100] if r["error"].strip() else "?")
-                        lines.append(f"| {pid} | {w} | {vs} | {nc} | error: {err} | | | | | |")
+                        lines.append(f"| {pid} | {w} | {vs} | {nc} | error: {err} | | | | | | |")
                         continue
                     cells = []
                     for op in LATENCY_OPS:
                         o = r["ops"].get(op)
                         cells.append("-" if o is None else f"{fmt_us(o['p50_us'])} / {fmt_us(o['p99_us'])}")
+                    other = r.get("other_cpu_percent")
                     lines.append(
-                        f"| {pid} | {w} | {vs} | {nc} | {fmt_rate(r['ops_per_s'])} | " + " | ".join(cells) + f" | {r['misses']} |"
+                        f"| {pid} | {w} | {vs} | {nc} | {fmt_rate(r['ops_per_s'])} | "
+                        + " | ".join(cells)
+                        + f" | {r['misses']} | {'-' if other is None else other} |"
                     )
     lines.append("")
     lines.append(f"## Restart after SIGKILL ({p['restart_keys']:,} keys of {RESTART_VALUE_SIZE} B)")
@@ -1032,6 +1092,12 @@ def main(argv: list[str] | None = None) -> int:
     late = [
         r for r in results if r["status"] == "ok" and r["max_start_lateness_ms"] > params.duration_s * 100
     ]
+    busy = [r for r in results if r["status"] == "ok" and (r.get("other_cpu_percent") or 0) > 15]
+    if busy:
+        notes.append(
+            f"{len(busy)} of {len(results)} cells ran while other work used more than 15% of the CPUs "
+            "(column 'other CPU %'): treat those rows as contaminated."
+        )
     if late:
         notes.append(
             f"{len(late)} of {len(results)} cells had a client start more than 10% of the window late "

@@ -8,6 +8,7 @@ every peer, a real PNG, every process it started gone. It never asserts speed.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import struct
@@ -102,21 +103,25 @@ def test_every_measured_cell_is_present_with_positive_numbers(quick_run: dict[st
                     assert r is not None, (pid, w, vs, nc)
                     assert r["status"] == "ok", (pid, w, vs, nc, r.get("error"))
                     assert r["ops_per_s"] > 0 and r["total_ops"] > 0 and r["wall_s"] > 0
-                    assert r["ops_per_s_per_client"] == pytest.approx(r["ops_per_s"] / nc, rel=0.01)
+                    assert r["other_cpu_percent"] is None or 0 <= r["other_cpu_percent"] <= 100
+                    assert r["ops_per_s_per_client"] == pytest.approx(r["ops_per_s"] / nc, rel=0.01, abs=0.1)
                     # Every read must find its key: a miss means the store lost loaded data.
                     assert r["misses"] == 0, (pid, w, vs, nc)
-                    # B, D at a few hundred ops may not draw a write: at least the reads are there.
-                    assert "read" in r["ops"]
+                    assert r["ops"], (pid, w, vs, nc)
                     assert set(r["ops"]) <= expected_ops[w], (w, set(r["ops"]))
                     assert sum(o["count"] for o in r["ops"].values()) == r["total_ops"]
                     for name, o in r["ops"].items():
                         assert o["count"] > 0, name
                         assert 0 < o["p50_us"] <= o["p99_us"], (pid, w, name, o)
                         assert o["mean_us"] > 0
-    # A, F have 50% writes: present in every measured cell.
+    # One cell can hold a single slow op when the disk stalls (0.1 s windows), so each
+    # operation type of the mix is required over a peer's cells of that workload, not per cell.
+    seen: dict[tuple[str, str], set[str]] = {}
     for (pid, w, _vs, _nc), r in rows.items():
-        if w in ("A", "F"):
-            assert {"A": "update", "F": "rmw"}[w] in r["ops"], (pid, w)
+        seen.setdefault((pid, w), set()).update(r["ops"])
+    for (pid, w), ops in seen.items():
+        must = expected_ops[w] if w in ("A", "C", "F") else {"read"}  # B, D: 5% writes may not be drawn
+        assert must <= ops, (pid, w, ops)
 
 
 def test_restart_rows_are_measured_and_lose_nothing_or_skipped(quick_run: dict[str, Any]) -> None:
@@ -198,10 +203,9 @@ def test_every_started_process_is_gone(quick_run: dict[str, Any]) -> None:
 def _ycsb() -> Any:
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import ycsb
+        return importlib.import_module("ycsb")
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    return ycsb
 
 
 def test_fnvhash64_is_fnv1a_over_eight_little_endian_bytes_as_a_non_negative_long() -> None:
