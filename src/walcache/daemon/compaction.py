@@ -445,7 +445,7 @@ def compact(
     final = data_dir / name
     tmp = data_dir / (name + ".tmp")
     now = int(time.time() * 1000) if now_ms is None else now_ms
-    fd = fo.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = fo.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         t_scan = time.perf_counter()
         crc = 0  # running crc32 of everything written before ``buf``
@@ -503,7 +503,7 @@ def compact(
     manifest = Manifest(S, next_segno, off, count, snap_crc, salt)
     mtmp = data_dir / MANIFEST_TMP
     step(7, _step_text(7))
-    mfd = fo.open(mtmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    mfd = fo.open(mtmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         fo.pwrite_all(mfd, encode_manifest(manifest), 0)
         step(8, _step_text(8))
@@ -571,6 +571,9 @@ def _await_go() -> bool:
     return got.split(b"\n", 1)[0].strip() == b"go"
 
 
+_finished = threading.Event()  # the work is over: stdin closing no longer means anything
+
+
 def _exit_when_stdin_closes() -> None:
     while True:
         try:
@@ -580,6 +583,8 @@ def _exit_when_stdin_closes() -> None:
         except OSError:
             data = b""
         if not data:
+            if _finished.is_set():
+                return
             log.warning(
                 "the daemon is gone (stdin closed): stopping now; every step leaves a log that recovers, "
                 "and the next start removes what this run left"
@@ -653,7 +658,9 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=_exit_when_stdin_closes, name="stdin-watch", daemon=True).start()
     try:
         result = run_compactor(args.data_dir, args.namespace, args.seal_seqno, args.next_segno)
+        _finished.set()
     except NothingToCompact as exc:
+        _finished.set()
         _emit({"status": "nothing to compact", "detail": str(exc)})
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - reported to the daemon, which backs off

@@ -989,6 +989,8 @@ class Daemon:
                 "seconds": seconds,
                 "seal_seqno": c.seal_seqno,
                 "entries": doc.get("entries"),
+                "entries_newer": doc.get("newer"),  # changed after the seal: left to the tail
+                "entries_expired": doc.get("expired"),
                 "snapshot_bytes": doc.get("snapshot_bytes"),
                 "bytes_reclaimed": doc.get("reclaimed_bytes"),
                 "log_bytes_before": c.bytes_before,
