@@ -121,10 +121,12 @@ cpu_relax(void)
 
 #if defined(__GNUC__)
 #define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
+#define PREFETCH_W(p) __builtin_prefetch((const void *)(p), 1, 3)
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
 #else
 #define PREFETCH(p) ((void)0)
+#define PREFETCH_W(p) ((void)0)
 #define LIKELY(x) (x)
 #define UNLIKELY(x) (x)
 #endif
@@ -1260,11 +1262,334 @@ static PyTypeObject ReaderType = {
     .tp_getset = reader_getset,
 };
 
+/* ---- the table builder: ShmTable.build's compiled path (walcache/shm/writer.py) ---- */
+
+/*
+ * A daemon restart publishes a table holding the whole recovered state at once. The
+ * pure-Python builder in writer.py (_pack, _place) is the reference; this does the same,
+ * byte for byte (a hypothesis test compares whole segments): walk the entries in the
+ * order given, validate every one (the same checks and exception classes as
+ * ShmTable.put), leave out those whose expiry has passed, write the records back to back
+ * from data_off (seq 0, zero padding), and place each slot by linear probing from
+ * H & (capacity - 1), in entry order, over an index that starts all EMPTY.
+ *
+ * The segment is not published yet (nobody maps it), so plain stores are enough: no
+ * seqlock, no atomics. Entries are a dict key -> (vflag, value, seqno, expiry_ms), what
+ * DictTable holds after replay, or a list of (key, vflag, value, seqno, expiry_ms).
+ * Python code never runs inside a call (no __index__, no __eq__: only exact container
+ * walks and PyLong reads), so the entries cannot change during one; between
+ * build_measure and build_fill they could, and build_fill then refuses to write past
+ * the size measured instead of past the committed pages.
+ */
+
+static PyObject *KeyTooLarge;   /* walcache.errors.KeyTooLarge */
+static PyObject *ValueTooLarge; /* walcache.errors.ValueTooLarge */
+
+#define BUILD_MAX_VALUE_BYTES UINT64_C(0xFFFFFFFF)
+#define BUILD_MAX_EXPIRY (UINT64_C(1) << 56)
+
+typedef struct {
+    PyObject *src; /* a dict or a list, borrowed from the caller */
+    Py_ssize_t pos;
+    int is_dict;
+} entry_iter;
+
+typedef struct {
+    PyObject *key;
+    const uint8_t *kp, *vp;
+    uint64_t klen, vlen, vflag, seqno, expiry;
+} build_entry;
+
+static int
+entry_iter_init(entry_iter *it, PyObject *src)
+{
+    it->src = src;
+    it->pos = 0;
+    if (PyDict_Check(src))
+        it->is_dict = 1;
+    else if (PyList_Check(src))
+        it->is_dict = 0;
+    else {
+        PyErr_Format(PyExc_TypeError, "entries must be a dict or a list, not %.100s", Py_TYPE(src)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+/* A non-negative int below 2**64 in *out: 0; out of that range: 1; not an int: -1 (set). */
+static int
+read_u64(PyObject *o, uint64_t *out)
+{
+    *out = UINT64_MAX;
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "an int is required, not %.100s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear(); /* negative or >= 2**64 */
+        return 1;
+    }
+    *out = (uint64_t)v;
+    return 0;
+}
+
+static PyObject *
+key_head(PyObject *key)
+{
+    return PyBytes_FromStringAndSize(PyBytes_AS_STRING(key), Py_MIN(PyBytes_GET_SIZE(key), 40));
+}
+
+/* The next entry, validated: 1; no more: 0; a bad entry: -1 with the exception set. */
+static int
+entry_next(entry_iter *it, build_entry *e)
+{
+    PyObject *key, *vflag, *value, *seqno, *expiry;
+    if (it->is_dict) {
+        PyObject *rest;
+        if (!PyDict_Next(it->src, &it->pos, &key, &rest))
+            return 0;
+        if (!PyTuple_Check(rest) || PyTuple_GET_SIZE(rest) != 4) {
+            PyErr_SetString(PyExc_TypeError, "a dict entry must be key -> (vflag, value, seqno, expiry_ms)");
+            return -1;
+        }
+        vflag = PyTuple_GET_ITEM(rest, 0);
+        value = PyTuple_GET_ITEM(rest, 1);
+        seqno = PyTuple_GET_ITEM(rest, 2);
+        expiry = PyTuple_GET_ITEM(rest, 3);
+    }
+    else {
+        if (it->pos >= PyList_GET_SIZE(it->src))
+            return 0;
+        PyObject *t = PyList_GET_ITEM(it->src, it->pos);
+        it->pos++;
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 5) {
+            PyErr_SetString(PyExc_TypeError, "a list entry must be (key, vflag, value, seqno, expiry_ms)");
+            return -1;
+        }
+        key = PyTuple_GET_ITEM(t, 0);
+        vflag = PyTuple_GET_ITEM(t, 1);
+        value = PyTuple_GET_ITEM(t, 2);
+        seqno = PyTuple_GET_ITEM(t, 3);
+        expiry = PyTuple_GET_ITEM(t, 4);
+    }
+    if (!PyBytes_Check(key) || !PyBytes_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "keys and values must be bytes, not %.100s and %.100s",
+                     Py_TYPE(key)->tp_name, Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    e->key = key;
+    e->kp = (const uint8_t *)PyBytes_AS_STRING(key);
+    e->vp = (const uint8_t *)PyBytes_AS_STRING(value);
+    e->klen = (uint64_t)PyBytes_GET_SIZE(key);
+    e->vlen = (uint64_t)PyBytes_GET_SIZE(value);
+    if (e->klen == 0 || e->klen > MAX_KEY_BYTES) {
+        PyErr_Format(KeyTooLarge, "encoded key of %llu bytes: the shared table takes 1..%d",
+                     (unsigned long long)e->klen, MAX_KEY_BYTES);
+        return -1;
+    }
+    if (e->vlen > BUILD_MAX_VALUE_BYTES) {
+        PyErr_Format(ValueTooLarge, "value of %llu bytes: the shared table takes at most %llu",
+                     (unsigned long long)e->vlen, (unsigned long long)BUILD_MAX_VALUE_BYTES);
+        return -1;
+    }
+    int r1 = read_u64(vflag, &e->vflag);
+    if (r1 < 0)
+        return -1;
+    int r2 = read_u64(expiry, &e->expiry);
+    if (r2 < 0)
+        return -1;
+    int r3 = read_u64(seqno, &e->seqno);
+    if (r3 < 0)
+        return -1;
+    if (r1 || r2 || r3 || e->vflag > 255 || e->expiry >= BUILD_MAX_EXPIRY) {
+        PyObject *head = key_head(key);
+        if (head != NULL) {
+            PyErr_Format(PyExc_ValueError, "bad vflag %R, expiry %R or seqno %R for key %R", vflag, expiry,
+                         seqno, head);
+            Py_DECREF(head);
+        }
+        return -1;
+    }
+    return 1;
+}
+
+static inline uint64_t
+build_chunk_words(uint64_t klen, uint64_t vlen)
+{
+    return (REC_HEADER_SIZE + klen + vlen + 7) >> 3;
+}
+
+static PyObject *
+build_measure(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "build_measure(entries, now_ms)");
+        return NULL;
+    }
+    entry_iter it;
+    if (entry_iter_init(&it, args[0]) < 0)
+        return NULL;
+    unsigned long long now = PyLong_AsUnsignedLongLong(args[1]);
+    if (now == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    uint64_t live = 0, words = 0, max_seqno = 0;
+    build_entry e;
+    int r;
+    while ((r = entry_next(&it, &e)) > 0) {
+        if (e.expiry && e.expiry <= now)
+            continue;
+        live++;
+        words += build_chunk_words(e.klen, e.vlen);
+        if (e.seqno > max_seqno)
+            max_seqno = e.seqno;
+    }
+    if (r < 0)
+        return NULL;
+    return Py_BuildValue("(KKK)", (unsigned long long)live, (unsigned long long)words,
+                         (unsigned long long)max_seqno);
+}
+
+/* Entries whose slots are looked up together: their index lines are prefetched for
+ * writing while the records of the batch are copied, which hides most of the cache
+ * misses of a random walk over an index much larger than the caches. */
+#define BUILD_BATCH 16
+
+typedef struct {
+    PyObject *key;
+    uint64_t h, w;
+} build_pending;
+
+static int
+build_place(uint64_t *Q, uint64_t *S, uint64_t mask, build_pending *p, int n)
+{
+    for (int j = 0; j < n; j++) {
+        uint64_t h = p[j].h, i = h & mask, x;
+        while ((x = S[i]) != SLOT_EMPTY) {
+            if (((x ^ h) & FP_MASK) == 0) {
+                uint64_t ow = x & LOC_MASK, w = p[j].w;
+                uint64_t klen = Q[w + R_LENS] >> 32;
+                if (Q[ow + R_LENS] >> 32 == klen &&
+                    memcmp((uint8_t *)(Q + ow + REC_HEADER_WORDS), (uint8_t *)(Q + w + REC_HEADER_WORDS), klen) == 0) {
+                    PyObject *head = key_head(p[j].key);
+                    if (head != NULL) {
+                        PyErr_Format(PyExc_ValueError, "key %R is given twice", head);
+                        Py_DECREF(head);
+                    }
+                    return -1;
+                }
+            }
+            i = (i + 1) & mask;
+        }
+        S[i] = (h & FP_MASK) | p[j].w;
+    }
+    return 0;
+}
+
+static PyObject *
+build_fill(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "build_fill(buf, entries, capacity, data_off, data_words, now_ms)");
+        return NULL;
+    }
+    unsigned long long capacity = PyLong_AsUnsignedLongLong(args[2]);
+    if (capacity == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long data_off = PyLong_AsUnsignedLongLong(args[3]);
+    if (data_off == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long data_words = PyLong_AsUnsignedLongLong(args[4]);
+    if (data_words == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long now = PyLong_AsUnsignedLongLong(args[5]);
+    if (now == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    entry_iter it;
+    if (entry_iter_init(&it, args[1]) < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    uint64_t len = (uint64_t)view.len;
+    /* The geometry the reader checks (check_geometry), so a caller's mistake is an
+     * error here rather than a table every reader refuses or a write out of bounds. */
+    if (capacity < MIN_CAPACITY || (capacity & (capacity - 1)) || capacity > (MAX_SEGMENT_BYTES >> 3) ||
+        data_off % 8 || data_off < HEADER_SIZE + capacity * SLOT_SIZE || data_words > (MAX_SEGMENT_BYTES >> 3) ||
+        data_off + data_words * 8 > len || data_off + data_words * 8 > MAX_SEGMENT_BYTES ||
+        ((uintptr_t)view.buf & 7)) {
+        PyBuffer_Release(&view);
+        PyErr_Format(PyExc_ValueError,
+                     "bad geometry: capacity %llu, data_off %llu, data_words %llu for a buffer of %llu bytes",
+                     capacity, data_off, data_words, (unsigned long long)len);
+        return NULL;
+    }
+    uint64_t *Q = (uint64_t *)view.buf;
+    uint64_t *S = Q + HEADER_SIZE / 8;
+    const uint64_t mask = capacity - 1, lo = data_off / 8, end = lo + data_words;
+    memset(S, 0, capacity * SLOT_SIZE);
+    uint64_t top = lo, live = 0, max_seqno = 0;
+    build_pending pend[BUILD_BATCH];
+    int npend = 0, r;
+    build_entry e;
+    while ((r = entry_next(&it, &e)) > 0) {
+        if (e.expiry && e.expiry <= now)
+            continue;
+        uint64_t nw = build_chunk_words(e.klen, e.vlen);
+        /* Keep an EMPTY slot (probes end) and stay inside what build_measure counted. */
+        if (nw > end - top || live + 1 >= capacity) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_RuntimeError,
+                            "the entries changed after build_measure: more of them than the table was sized for");
+            return NULL;
+        }
+        uint64_t h = xxh64(e.kp, (size_t)e.klen, 0);
+        PREFETCH_W(S + (h & mask));
+        Q[top + R_SEQ] = 0;
+        Q[top + R_LENS] = e.klen << 32 | e.vlen;
+        Q[top + R_EXPIRY_VFLAG] = e.expiry << 8 | e.vflag;
+        Q[top + R_SEQNO] = e.seqno;
+        uint8_t *rec = (uint8_t *)(Q + top + REC_HEADER_WORDS);
+        /* Zero the last word first, then copy over it: the padding ends up zero. */
+        Q[top + nw - 1] = 0;
+        memcpy(rec, e.kp, (size_t)e.klen);
+        memcpy(rec + e.klen, e.vp, (size_t)e.vlen);
+        pend[npend].key = e.key;
+        pend[npend].h = h;
+        pend[npend].w = top;
+        if (++npend == BUILD_BATCH) {
+            if (build_place(Q, S, mask, pend, npend) < 0) {
+                PyBuffer_Release(&view);
+                return NULL;
+            }
+            npend = 0;
+        }
+        top += nw;
+        live++;
+        if (e.seqno > max_seqno)
+            max_seqno = e.seqno;
+    }
+    if (r < 0 || build_place(Q, S, mask, pend, npend) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(KKK)", (unsigned long long)live, (unsigned long long)(top - lo),
+                         (unsigned long long)max_seqno);
+}
+
 static PyMethodDef module_methods[] = {
     {"xxh64", (PyCFunction)(void (*)(void))reader_xxh64, METH_FASTCALL,
      "xxh64(data, seed=0) -> int: XXH64 as the reader computes it"},
     {"encode_key", (PyCFunction)module_encode_key, METH_O,
      "encode_key(key) -> bytes: the reader's key encoding (must equal walcache.codec.encode_key)"},
+    {"build_measure", (PyCFunction)(void (*)(void))build_measure, METH_FASTCALL,
+     "build_measure(entries, now_ms) -> (live, data_words, max_seqno): validate and size a table build"},
+    {"build_fill", (PyCFunction)(void (*)(void))build_fill, METH_FASTCALL,
+     "build_fill(buf, entries, capacity, data_off, data_words, now_ms) -> (live, data_words, max_seqno): "
+     "write the records and the index of an unpublished segment (ShmTable.build)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1294,6 +1619,8 @@ PyInit__creader(void)
         return NULL;
     if ((ReadContention = import_attr("walcache.errors", "ReadContention")) == NULL ||
         (TableUnavailable = import_attr("walcache.errors", "TableUnavailable")) == NULL ||
+        (KeyTooLarge = import_attr("walcache.errors", "KeyTooLarge")) == NULL ||
+        (ValueTooLarge = import_attr("walcache.errors", "ValueTooLarge")) == NULL ||
         (encode_key_fn = import_attr("walcache.codec", "encode_key")) == NULL ||
         (unpackb_fn = import_attr("msgpack", "unpackb")) == NULL ||
         (unpack_kwnames = Py_BuildValue("(ss)", "raw", "strict_map_key")) == NULL ||

@@ -53,3 +53,17 @@ class Reader:
     def _map(self, name: str, /) -> None: ...
     def _detach(self) -> None: ...
     def _scan(self, start: int, count: int, /) -> tuple[list[tuple[bytes, int, bytes, int, int]], int, int]: ...
+
+# The table builder (ShmTable.build's compiled path; the pure-Python reference is in writer.py).
+def build_measure(
+    entries: dict[bytes, tuple[int, bytes, int, int]] | list[tuple[bytes, int, bytes, int, int]], now_ms: int, /
+) -> tuple[int, int, int]: ...
+def build_fill(
+    buf: object,
+    entries: dict[bytes, tuple[int, bytes, int, int]] | list[tuple[bytes, int, bytes, int, int]],
+    capacity: int,
+    data_off: int,
+    data_words: int,
+    now_ms: int,
+    /,
+) -> tuple[int, int, int]: ...

@@ -25,11 +25,15 @@ handles workloads whose sizes drift; classes would only trade that for internal 
 
 from __future__ import annotations
 
+import array
 import logging
 import mmap
 import os
 import secrets
-from collections.abc import Iterator
+import struct
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Protocol
 
 import posix_ipc
 import psutil
@@ -66,6 +70,7 @@ from .layout import (
     R_LENS,
     R_SEQNO,
     REC_HEADER_SIZE,
+    RECORD_HEADER,
     SLOT_SIZE,
     TOMBSTONE,
     chunk_words,
@@ -214,6 +219,101 @@ class ShmTable:
         table = cls(namespace, max_memory=max_memory, mode=mode, gid=gid)
         slots = max(MIN_CAPACITY, _pow2_at_least(int(capacity / MAX_LOAD) + 1))
         table._seg = table._new_segment(slots, max(data_bytes, _PAGE), 0)
+        return table
+
+    @classmethod
+    def build(
+        cls,
+        namespace: str,
+        entries: Mapping[bytes, tuple[int, bytes, int, int]] | Iterable[tuple[bytes, int, bytes, int, int]],
+        *,
+        applied_seqno: int = 0,
+        capacity: int = 0,
+        data_bytes: int = 0,
+        max_memory: int | None = None,
+        mode: int | None = None,
+        gid: int | None = None,
+        compiled: bool | None = None,
+    ) -> ShmTable:
+        """A fresh, unpublished table holding exactly ``entries``, built in bulk (restart).
+
+        ``entries`` is either a mapping ``key -> (vflag, value, seqno, expiry_ms)`` (what
+        ``DictTable.entries`` holds after replay) or an iterable of ``(key, vflag, value,
+        seqno, expiry_ms)`` with unique keys (a repeated key raises ValueError); keys and
+        values are bytes. Entries already expired are left out, as a rebuild leaves them.
+        The limits are put's (KeyTooLarge, ValueTooLarge, ValueError).
+
+        The table is sized once, the way a rebuild sizes one: the index is the smallest
+        power of two holding ``capacity`` keys at MAX_LOAD and the entries at MIN_LOAD; the
+        data area is twice the records and at least ``data_bytes``. Records are written
+        back to back in the order given and the slots are filled by the same linear
+        probing a put does, so afterwards put, delete and every reader work exactly as
+        on a table grown by puts.
+
+        ``applied_seqno`` is the last log seqno replayed: the header's applied seqno is the
+        larger of it and the entries' seqnos (a log that ends in deletes leaves no entry
+        carrying its last seqno, and the compaction handshake waits for that number).
+
+        ``compiled``: None uses the compiled builder of ``walcache.shm._creader`` unless it
+        is not built or ``WALCACHE_PURE_PYTHON=1``; True requires it (RuntimeError if it is
+        missing); False is the pure-Python builder, the reference the compiled one must
+        match byte for byte.
+        """
+        t0 = time.perf_counter()
+        if mode is None:
+            mode = 0o640 if gid is not None else 0o600
+        if len(data_name(namespace, 0, 1 << 30)) > MAX_NAME_BYTES:
+            raise ValueError(f"namespace {namespace!r} is too long for a shared-memory name")
+        ext = _builder(compiled)
+        source: dict[bytes, tuple[int, bytes, int, int]] | list[tuple[bytes, int, bytes, int, int]]
+        if isinstance(entries, dict):
+            source = entries
+        elif isinstance(entries, Mapping):
+            source = dict(entries)
+        elif isinstance(entries, list):
+            source = entries
+        else:
+            source = list(entries)
+        now = now_ms()
+        packed: _Packed | None = None
+        if ext is not None:
+            live, words, max_seqno = ext.build_measure(source, now)
+        else:
+            packed = _pack(source, now)
+            live, words, max_seqno = packed.live, len(packed.data) >> 3, packed.max_seqno
+        slots = max(MIN_CAPACITY, _pow2_at_least(int(capacity / MAX_LOAD) + 1))
+        while live + 1 > slots * MIN_LOAD:
+            slots *= 2
+        table = cls(namespace, max_memory=max_memory, mode=mode, gid=gid)
+        table._applied = max(applied_seqno, max_seqno)
+        seg = table._new_segment(slots, max(2 * (words << 3), data_bytes, _PAGE), words << 3)
+        try:
+            if ext is not None:
+                # Nothing runs between the two calls in the daemon; a caller that changed
+                # the entries meanwhile gets an error, never a record past the committed end.
+                got = ext.build_fill(seg.mm, source, slots, seg.lo << 3, words, now)
+                if got != (live, words, max_seqno):
+                    raise RuntimeError(
+                        f"the entries changed while the table was built: measured {(live, words, max_seqno)}, "
+                        f"wrote {got}"
+                    )
+            else:
+                assert packed is not None
+                _place(seg, packed)
+        except BaseException:
+            seg.close()
+            _unlink(seg.name)
+            raise
+        seg.top = seg.lo + words
+        table._seg = seg
+        table._live = live
+        table._live_words = words
+        table._store_counts(seg)
+        log.info(
+            "built shm table %s: %d keys, %d slots, %d data bytes (%s builder) in %.3f s",
+            seg.name, live, slots, seg.data_words << 3, "compiled" if ext is not None else "pure-Python",
+            time.perf_counter() - t0,
+        )  # fmt: skip
         return table
 
     def _new_segment(self, capacity: int, data_bytes: int, data_needed: int) -> _Segment:
@@ -758,3 +858,130 @@ def _unlink(name: str) -> None:
         posix_ipc.unlink_shared_memory(name)
     except posix_ipc.ExistentialError:
         pass
+
+
+# -- bulk build (ShmTable.build) ----------------------------------------------------------------
+#
+# Two implementations of one algorithm, byte for byte: the compiled one in _creader.c
+# (build_measure, build_fill) and this pure-Python reference. Both walk the entries in
+# the order given, validate every entry first (so a bad one is reported even if it has
+# expired), leave out the expired ones, write the records back to back from the start
+# of the data area (seq 0, zero padding) and place each slot by linear probing from
+# ``H & (capacity - 1)``, in entry order, over an index that starts all EMPTY. Nobody
+# maps the segment yet, so plain bulk stores are enough (no seqlock).
+
+
+class _Packed:
+    """The records of a pure-Python build, packed back to back, before the segment exists."""
+
+    __slots__ = ("data", "hashes", "words", "live", "max_seqno")
+
+    def __init__(self, data: bytes, hashes: list[int], words: list[int], max_seqno: int) -> None:
+        self.data = data  # every record, relative to the start of the data area
+        self.hashes = hashes  # XXH64 of each record's key, in record order
+        self.words = words  # each record's word offset in ``data``
+        self.live = len(words)
+        self.max_seqno = max_seqno
+
+
+# One Struct per (klen, vlen) packs a whole padded record in one call; a build with more
+# distinct shapes than this packs the rest in pieces.
+_MAX_SHAPES = 4096
+
+
+def _record_struct(klen: int, vlen: int) -> struct.Struct:
+    pad = (chunk_words(klen, vlen) << 3) - REC_HEADER_SIZE - klen - vlen
+    return struct.Struct(f"=QQQQ{klen}s{vlen}s{pad}x")
+
+
+def _pack(
+    entries: dict[bytes, tuple[int, bytes, int, int]] | list[tuple[bytes, int, bytes, int, int]], now: int
+) -> _Packed:
+    """Validate and pack ``entries`` (all of them, or an exception), dropping the expired."""
+    source: Iterable[tuple[bytes, int, bytes, int, int]]
+    if isinstance(entries, dict):
+        source = ((k, e[0], e[1], e[2], e[3]) for k, e in entries.items())
+    else:
+        source = entries
+    parts: list[bytes] = []
+    hashes: list[int] = []
+    words: list[int] = []
+    add_part, add_hash, add_word = parts.append, hashes.append, words.append
+    shapes: dict[int, struct.Struct] = {}
+    pads = [bytes(n) for n in range(8)]
+    pack_header = RECORD_HEADER.pack
+    top = max_seqno = 0
+    for key, vflag, value, seqno, expiry in source:
+        klen = len(key)
+        vlen = len(value)
+        if not 0 < klen <= MAX_KEY_BYTES:
+            raise KeyTooLarge(f"encoded key of {klen} bytes: the shared table takes 1..{MAX_KEY_BYTES}")
+        if vlen > MAX_VALUE_BYTES:
+            raise ValueTooLarge(f"value of {vlen} bytes: the shared table takes at most {MAX_VALUE_BYTES}")
+        if not (0 <= vflag <= 255 and 0 <= expiry < 1 << 56 and 0 <= seqno < 1 << 64):
+            raise ValueError(f"bad vflag {vflag}, expiry {expiry} or seqno {seqno} for key {key[:40]!r}")
+        if expiry and expiry <= now:
+            continue
+        lens = klen << 32 | vlen
+        shape = shapes.get(lens)
+        if shape is None and len(shapes) < _MAX_SHAPES:
+            shape = shapes[lens] = _record_struct(klen, vlen)
+        nw = (REC_HEADER_SIZE + 7 + klen + vlen) >> 3
+        if shape is not None:
+            add_part(shape.pack(0, lens, expiry << 8 | vflag, seqno, key, value))
+        else:
+            add_part(pack_header(0, lens, expiry << 8 | vflag, seqno) + key + value + pads[(nw << 3) - 32 - klen - vlen])
+        add_hash(hash_key(key))
+        add_word(top)
+        top += nw
+        if seqno > max_seqno:
+            max_seqno = seqno
+    return _Packed(b"".join(parts), hashes, words, max_seqno)
+
+
+def _key_at(data: bytes, rel: int) -> bytes:
+    """The key of the packed record at word ``rel`` of ``data``."""
+    a = 8 * rel
+    (lens,) = struct.unpack_from("=Q", data, a + 8)
+    return data[a + REC_HEADER_SIZE : a + REC_HEADER_SIZE + (lens >> 32)]
+
+
+def _place(seg: _Segment, packed: _Packed) -> None:
+    """Fill ``seg``'s index for the packed records and copy them into its data area."""
+    data, lo, mask = packed.data, seg.lo, seg.mask
+    index = [EMPTY] * seg.capacity
+    for h, w in zip(packed.hashes, packed.words):
+        i = h & mask
+        x = index[i]
+        while x:
+            if not (x ^ h) & FP_MASK and _key_at(data, (x & LOC_MASK) - lo) == _key_at(data, w):
+                raise ValueError(f"key {_key_at(data, w)[:40]!r} is given twice")
+            i = (i + 1) & mask
+            x = index[i]
+        index[i] = (h & FP_MASK) | (lo + w)
+    seg.slots[:] = array.array("Q", index)
+    seg.mm[lo << 3 : (lo << 3) + len(data)] = data
+
+
+class _CompiledBuilder(Protocol):
+    def build_measure(self, entries: object, now_ms: int, /) -> tuple[int, int, int]: ...
+
+    def build_fill(
+        self, buf: object, entries: object, capacity: int, data_off: int, data_words: int, now_ms: int, /
+    ) -> tuple[int, int, int]: ...
+
+
+def _builder(compiled: bool | None) -> _CompiledBuilder | None:
+    """The compiled builder to use, or None for the pure-Python one (see ShmTable.build)."""
+    if compiled is False:
+        return None
+    from .creader import extension, extension_error
+
+    if extension is not None and not hasattr(extension, "build_fill"):
+        extension, extension_error = None, "built from an older source without the builder: rebuild it"
+    if compiled is None:
+        if extension is None or os.environ.get("WALCACHE_PURE_PYTHON", "") not in ("", "0"):
+            return None
+    elif extension is None:
+        raise RuntimeError(f"the compiled table builder is unavailable: {extension_error}")
+    return extension

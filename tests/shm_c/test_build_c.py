@@ -1,0 +1,256 @@
+"""The compiled table builder (_creader.build_measure / build_fill) against the pure-Python
+reference in writer.py: byte-identical segments, the same refusals, no crash on bad input,
+and the writer model on compiled-built tables read back through the C reader."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from walcache import KeyTooLarge
+from walcache.codec import encode_key
+from walcache.shm import ShmTable, layout
+from walcache.shm.creader import CReader, extension
+
+from shm.helpers import make_value, segments_of, unique_namespace, unlink_all
+from shm.test_build import BAD_ENTRIES, BuiltTableVsModel, Entry, entries_of
+from shm.test_model import FUTURE, PAST
+
+from .helpers import requires_c
+
+pytestmark = requires_c
+
+# Header words that differ between two tables built by one process: the writer
+# incarnation (random per table) and the heartbeat (the clock at creation).
+_VOLATILE_WORDS = (3, 16)
+
+
+def segment_bytes(t: ShmTable) -> bytes:
+    seg = t._seg
+    assert seg is not None
+    raw = bytearray(seg.mm)
+    for w in _VOLATILE_WORDS:
+        raw[8 * w : 8 * w + 8] = bytes(8)
+    return bytes(raw)
+
+
+def build_both(entries: Any, **kw: Any) -> tuple[bytes, bytes, dict[str, Any], dict[str, Any]]:
+    """Build ``entries`` with each builder; the two segments (volatile words zeroed) and stats."""
+    out = []
+    for compiled in (True, False):
+        ns = unique_namespace("bc")
+        try:
+            t = ShmTable.build(ns, entries, compiled=compiled, **kw)
+            try:
+                stats = t.stats()
+                del stats["name"]
+                out.append((segment_bytes(t), stats))
+            finally:
+                t.close(unlink=True)
+        finally:
+            unlink_all(ns)
+    (c_bytes, c_stats), (py_bytes, py_stats) = out
+    return c_bytes, py_bytes, c_stats, py_stats
+
+
+def assert_identical(entries: Any, **kw: Any) -> None:
+    c_bytes, py_bytes, c_stats, py_stats = build_both(entries, **kw)
+    assert c_stats == py_stats
+    if c_bytes != py_bytes:
+        first = next(i for i in range(len(c_bytes)) if c_bytes[i] != py_bytes[i])
+        raise AssertionError(f"segments differ first at byte {first} (word {first // 8}) of {len(c_bytes)}")
+
+
+KEYS = st.binary(min_size=1, max_size=80)
+ENTRY_META = st.tuples(
+    st.integers(0, 255),
+    st.binary(max_size=300),
+    st.integers(0, (1 << 64) - 1),
+    st.one_of(st.sampled_from([0, 0, 0, PAST, FUTURE]), st.integers(FUTURE, (1 << 56) - 1)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    entries=st.dictionaries(KEYS, ENTRY_META, max_size=120),
+    as_list=st.booleans(),
+    applied=st.integers(0, 1 << 63),
+    capacity=st.integers(0, 3000),
+    data_bytes=st.integers(0, 1 << 16),
+)
+def test_compiled_and_pure_python_builds_are_byte_identical(
+    entries: dict[bytes, tuple[int, bytes, int, int]], as_list: bool, applied: int, capacity: int, data_bytes: int
+) -> None:
+    source: Any = [(k, *e) for k, e in entries.items()] if as_list else entries
+    assert_identical(source, applied_seqno=applied, capacity=capacity, data_bytes=data_bytes)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    entries=st.lists(st.tuples(st.binary(min_size=1, max_size=2), st.integers(0, 3), st.binary(max_size=20),
+                               st.integers(0, 100), st.just(0)), max_size=40),
+)  # fmt: skip
+def test_a_repeated_key_is_refused_by_both(entries: list[Entry]) -> None:
+    repeated = len({e[0] for e in entries}) != len(entries)
+    for compiled in (True, False):
+        ns = unique_namespace("bd")
+        try:
+            if repeated:
+                with pytest.raises(ValueError, match="given twice"):
+                    ShmTable.build(ns, entries, compiled=compiled)
+                assert segments_of(ns) == []
+            else:
+                ShmTable.build(ns, entries, compiled=compiled).close(unlink=True)
+        finally:
+            unlink_all(ns)
+    if not repeated:
+        assert_identical(entries)
+
+
+def test_a_large_mixed_build_is_byte_identical() -> None:
+    entries: dict[bytes, tuple[int, bytes, int, int]] = {}
+    for i in range(30_000):
+        vlen = (i * 7919) % 700
+        expiry = PAST if i % 11 == 0 else FUTURE if i % 5 == 0 else 0
+        entries[encode_key(i if i % 3 else f"key-{i}")] = (i % 3, make_value(i, 1, 16 + vlen), i + 1, expiry)
+    assert_identical(entries)
+    assert_identical([(k, *e) for k, e in entries.items()], capacity=100_000)
+
+
+@pytest.mark.parametrize(("bad", "exc"), BAD_ENTRIES)
+def test_entries_put_would_refuse_are_refused_alike(bad: Entry, exc: type[Exception]) -> None:
+    entries = [(k, *e) for k, e in entries_of(5).items()] + [bad]
+    for compiled in (True, False):
+        ns = unique_namespace("bb")
+        try:
+            with pytest.raises(exc):
+                ShmTable.build(ns, entries, compiled=compiled)
+            assert segments_of(ns) == []
+        finally:
+            unlink_all(ns)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        {b"k": (1, b"v", 1)},  # short tuple
+        {b"k": [1, b"v", 1, 0]},  # not a tuple
+        {"k": (1, b"v", 1, 0)},  # str key
+        {b"k": (1, "v", 1, 0)},  # str value
+        {b"k": (1, bytearray(b"v"), 1, 0)},
+        {b"k": (1.0, b"v", 1, 0)},  # float vflag
+        {b"k": (1, b"v", None, 0)},
+        [(b"k", 1, b"v", 1)],
+        [[b"k", 1, b"v", 1, 0]],
+        [None],
+        (("k", 1, b"v", 1, 0),),
+        "not entries",
+        42,
+    ],
+)
+def test_malformed_entries_raise_type_error_and_never_crash(entries: Any) -> None:
+    assert extension is not None
+    with pytest.raises(TypeError):
+        extension.build_measure(entries, layout.now_ms())
+    buf = bytearray(1 << 16)
+    with pytest.raises(TypeError):
+        extension.build_fill(buf, entries, 8, 512, 100, layout.now_ms())
+
+
+@pytest.mark.parametrize(
+    ("capacity", "data_off", "data_words", "size"),
+    [
+        (7, 512, 10, 4096),  # not a power of two
+        (4, 512, 10, 4096),  # under MIN_CAPACITY
+        (8, 300, 10, 4096),  # index runs into the data area
+        (8, 516, 10, 4096),  # data area not word-aligned
+        (8, 512, 500, 4096),  # data area past the buffer
+        (1 << 40, 512, 10, 4096),
+    ],
+)
+def test_a_bad_geometry_is_refused_before_anything_is_written(
+    capacity: int, data_off: int, data_words: int, size: int
+) -> None:
+    assert extension is not None
+    buf = bytearray(b"\xee" * size)
+    with pytest.raises(ValueError, match="geometry"):
+        extension.build_fill(buf, {b"k": (1, b"v", 1, 0)}, capacity, data_off, data_words, 0)
+    assert buf == b"\xee" * size
+
+
+def test_a_read_only_buffer_is_refused() -> None:
+    assert extension is not None
+    with pytest.raises((BufferError, TypeError)):
+        extension.build_fill(bytes(4096), {b"k": (1, b"v", 1, 0)}, 8, 512, 10, 0)
+
+
+def test_entries_that_grew_after_measuring_are_refused_not_written_past_the_end() -> None:
+    assert extension is not None
+    entries = {encode_key(i): (1, b"x" * 50, i, 0) for i in range(100)}
+    live, words, _ = extension.build_measure(entries, 0)
+    entries[encode_key("late")] = (1, b"y" * 50, 1000, 0)
+    data_off = 256 + 8 * 1024
+    buf = bytearray(data_off + 8 * words + 64)
+    guard = bytes(range(64))
+    buf[-64:] = guard
+    with pytest.raises(RuntimeError, match="changed"):
+        extension.build_fill(buf, entries, 1024, data_off, words, 0)
+    assert buf[-64:] == guard
+    # With room for every entry, it writes them all and says so.
+    del entries[encode_key("late")]
+    assert extension.build_fill(buf, entries, 1024, data_off, words, 0) == (live, words, 99)
+
+
+def test_an_index_with_no_room_left_is_refused() -> None:
+    assert extension is not None
+    entries = {encode_key(i): (1, b"", i, 0) for i in range(8)}
+    _, words, _ = extension.build_measure(entries, 0)
+    buf = bytearray(256 + 64 + 8 * words)
+    with pytest.raises(RuntimeError):
+        extension.build_fill(buf, entries, 8, 320, words, 0)  # 8 keys cannot leave an EMPTY slot
+
+
+def test_the_compiled_builder_is_the_default(namespace: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="walcache.shm"):
+        ShmTable.build(namespace, entries_of(3)).close(unlink=True)
+    assert "compiled builder" in caplog.text
+
+
+def test_the_key_limit_message_names_the_size() -> None:
+    assert extension is not None
+    with pytest.raises(KeyTooLarge, match="65536 bytes"):
+        extension.build_measure([(b"k" * 65536, 1, b"", 1, 0)], 0)
+
+
+class BuiltTableVsModelC(BuiltTableVsModel):
+    """The bulk-built writer model with the compiled builder, read through the C reader."""
+
+    compiled = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reader.close()
+        self.reader = CReader(self.ns)  # type: ignore[assignment]
+
+
+BuiltTableVsModelC.TestCase.settings = BuiltTableVsModel.TestCase.settings
+test_compiled_built_table_matches_dict_model_through_the_c_reader = BuiltTableVsModelC.TestCase
+
+
+def test_a_published_compiled_build_reads_back_through_the_c_reader(namespace: str) -> None:
+    entries = entries_of(5000)
+    with ShmTable.build(namespace, entries, applied_seqno=7000) as t:
+        t.publish()
+        with CReader(namespace) as r:
+            assert r.get_many([f"k{i:07d}" for i in range(0, 5000, 7)]) == {
+                f"k{i:07d}": entries[encode_key(f"k{i:07d}")][1] for i in range(0, 5000, 7)
+            }
+            for k, e in entries.items():
+                assert r.get(k) == (e[0], e[1])
+            assert r._get_entry(next(iter(entries))) == (1, entries[next(iter(entries))][1], 1, 0)
+            assert len(t) == 5000 and t.stats()["applied_seqno"] == 7000
+    unlink_all(namespace)
