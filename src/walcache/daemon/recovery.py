@@ -140,6 +140,7 @@ _STRUCTURAL = frozenset(
 )
 # Problems --repair cannot cut away: what they damaged has no older copy in the data dir.
 _UNREPAIRABLE = frozenset({"log-start", "manifest", "snapshot"})
+_LOAD_CHUNK = 4096  # snapshot entries per apply_fn call
 
 
 @dataclass
@@ -309,11 +310,21 @@ def load_snapshot(
     apply_fn: Callable[[int, Sequence[Op]], object],
     fileops: FileOps | None = None,
 ) -> tuple[SnapshotLoad | None, Problem | None]:
-    """Apply every entry of the snapshot ``manifest`` names, or report why it cannot be loaded.
+    """Apply the snapshot ``manifest`` names, or report why it cannot be loaded.
+
+    The snapshot is the state after record S, so it is applied as if it were
+    one record S that puts every live key: through ``apply_fn(S, ops)``, a few
+    thousand ops per call (the per-call cost is most of what loading costs
+    beyond the table itself). Each key therefore carries seqno S in the table,
+    which is what compaction needs ("its latest record is <= S"); the file
+    keeps each key's own seqno for forensics.
 
     Nothing is applied unless the whole file checks: its size and CRC are the
-    MANIFEST's, its header names the same seal, next segment and salt, and the
-    entries fill the space between header and footer exactly.
+    MANIFEST's and its header names the same seal, next segment and salt.
+    Entries are then walked once with bounds checks; one that does not fit
+    (possible only after a CRC collision or a writer bug) stops the load with
+    a problem, and the caller (open_log) refuses the log, discarding the
+    partly built table with it.
     """
     fo = fileops or FileOps()
     t0 = time.perf_counter()
@@ -338,29 +349,31 @@ def load_snapshot(
         )
     t_check = time.perf_counter() - t0
     end = len(buf) - SNAPSHOT_FOOTER_SIZE
-    # Walk the entries once without applying any, so that a bad file changes nothing.
     unpack = SNAPSHOT_ENTRY.unpack_from
     esize = SNAPSHOT_ENTRY.size
     seal = manifest.seal_seqno
     off = SNAPSHOT_HEADER_SIZE
     count = 0
+    chunk: list[Op] = []
+    add = chunk.append
     while off < end:
         if off + esize > end:
             return None, _snapshot_problem(path, manifest, f"entry header at {off} runs into the footer")
-        klen, _vflag, vlen, seqno, _expiry = unpack(buf, off)
-        off += esize + klen + vlen
-        if off > end or not klen or seqno > seal:
-            return None, _snapshot_problem(path, manifest, f"entry {count} is malformed (klen {klen}, seqno {seqno})")
-        count += 1
-    if count != footer.entries:
-        return None, _snapshot_problem(path, manifest, f"{count} entries, the footer says {footer.entries}")
-    off = SNAPSHOT_HEADER_SIZE
-    while off < end:
         klen, vflag, vlen, seqno, expiry = unpack(buf, off)
         k = off + esize
         kv = k + klen
         off = kv + vlen
-        apply_fn(seqno, ((OP_PUT, buf[k:kv], vflag, buf[kv:off], expiry),))
+        if off > end or not klen or seqno > seal:
+            return None, _snapshot_problem(path, manifest, f"entry {count} is malformed (klen {klen}, seqno {seqno})")
+        add((OP_PUT, buf[k:kv], vflag, buf[kv:off], expiry))
+        count += 1
+        if len(chunk) >= _LOAD_CHUNK:
+            apply_fn(seal, chunk)
+            chunk.clear()
+    if chunk:
+        apply_fn(seal, chunk)
+    if count != footer.entries:
+        return None, _snapshot_problem(path, manifest, f"{count} entries, the footer says {footer.entries}")
     load = SnapshotLoad(path, seal, manifest.next_segno, count, len(buf), t_check, time.perf_counter() - t0)
     return load, None
 

@@ -1,0 +1,401 @@
+#!/usr/bin/env python3
+"""Compaction: put latency while it runs, and restart time from a compacted log.
+
+    python bench/bench_compaction.py               # data in ./data-bench (removed afterwards)
+    python bench/bench_compaction.py --dir DIR     # measure the disk DIR is on
+    python bench/bench_compaction.py --quick       # smaller counts, same outputs
+
+Measures, against real `walcache serve` processes:
+
+1. Put latency during a compaction vs without one, in the same run: a daemon
+   (``--fsync always``) holds ``--latency-keys`` keys (10-byte keys, 100-byte
+   values); ``--clients`` processes put random keys in a closed loop and time
+   each put; every round has a quiet stretch, then a manual compaction, then
+   another quiet stretch. Each put is classed by whether it ended while a
+   compaction was running (the daemon's stats say when one runs). Target:
+   p99 during <= 2x p99 without.
+2. Restart time for ``--keys`` keys (10-byte keys, 100-byte values): from a
+   log holding 3 versions of every key (3 x keys single-put records, written
+   with the WAL writer directly), and from the same log after the daemon
+   compacted it. Restart = from starting the process until it answers stats.
+   Median of ``--restarts`` runs each. Where the time goes comes from the
+   daemon's own log lines (snapshot read and checksum, snapshot load into the
+   shared table, segment replay) plus two calibrations: the start of a daemon
+   on an empty data dir (interpreter and imports), and the snapshot parse
+   alone in a fresh process (every entry decoded, nothing built). Target:
+   <= 1.5 s from the compacted log.
+
+Prints a table and writes bench/results/compaction-<date>.json. The machine may
+be shared with other work: the JSON records the CPU pressure (PSI) before and
+after; quote medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from walcache.client import Client
+from walcache.codec import encode_key
+from walcache.errors import WalcacheError
+from walcache.daemon.recovery import open_log
+from walcache.daemon.walformat import OP_PUT
+from walcache.paths import shm_namespace
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NEVER_COMPACT = str(10**15)  # --compact-min-bytes: no automatic compaction in the restart runs
+
+PARSE_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+from walcache.daemon.compaction import read_manifest
+from walcache.daemon.recovery import load_snapshot
+d = Path(sys.argv[1])
+t0 = time.perf_counter()
+load, problem = load_snapshot(d, read_manifest(d), lambda s, ops: None)
+assert problem is None, problem
+print(json.dumps({"seconds": time.perf_counter() - t0, "check_seconds": load.check_seconds,
+                  "entries": load.entries}))
+"""
+
+
+def _psi() -> str | None:
+    try:
+        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except OSError:
+        return None
+
+
+def _pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(p * len(s)))] if s else 0.0
+
+
+class Daemon:
+    def __init__(self, data_dir: Path, sock: Path, *args: str) -> None:
+        self.data_dir, self.sock, self.args = data_dir, sock, list(args)
+        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start it; seconds until it answers stats."""
+        cmd = [sys.executable, "-m", "walcache", "serve", "--data-dir", str(self.data_dir),
+               "--socket", str(self.sock), *self.args]
+        with open(self.log_path, "ab") as logf:
+            t0 = time.perf_counter()
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        deadline = time.monotonic() + 600
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                with Client(self.sock, timeout=5) as c:
+                    if c.stats()["pid"] == self.proc.pid:
+                        return time.perf_counter() - t0
+            except WalcacheError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"daemon not ready: {self.log_tail()}")
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def client(self, timeout: float = 60) -> Client:
+        return Client(self.sock, timeout=timeout)
+
+
+def _unlink_shm(data_dir: Path) -> None:
+    ns = shm_namespace(data_dir)
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(ns):
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except OSError:
+                pass
+
+
+def _fill(c: Client, n: int) -> None:
+    for start in range(0, n, 1000):
+        c.put_many({b"%010d" % i: b"v" * 100 for i in range(start, min(n, start + 1000))})
+
+
+def _wait_compaction(c: Client, timeout: float = 600) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while c.stats()["compaction"] is not None:
+        if time.monotonic() > deadline:
+            raise RuntimeError("compaction did not finish")
+        time.sleep(0.02)
+    last: dict[str, Any] = c.stats()["last_compaction"]
+    return last
+
+
+# --------------------------------------------------------------------- 1. latency
+
+
+def _loader(sock: str, nkeys: int, seed: int, stop: Any, out: Any) -> None:
+    import random
+
+    rng = random.Random(seed)
+    c = Client(sock, timeout=30)
+    samples: list[tuple[float, float]] = []
+    value = b"w" * 100
+    while not stop.is_set():
+        key = b"%010d" % rng.randrange(nkeys)
+        t0 = time.monotonic()
+        c.put(key, value)
+        t1 = time.monotonic()
+        samples.append((t1, t1 - t0))
+    c.close()
+    out.put(samples)
+
+
+def bench_latency(work: Path, nkeys: int, clients: int, rounds: int, quiet_s: float) -> dict[str, Any]:
+    d = Daemon(work / "lat", work / "lat.sock", "--fsync", "always", "--compact-min-bytes", NEVER_COMPACT)
+    d.start()
+    windows: list[tuple[float, float]] = []
+    compactions: list[dict[str, Any]] = []
+    ctx = mp.get_context("fork")
+    stop, out = ctx.Event(), ctx.Queue()
+    procs = []
+    try:
+        with d.client() as c:
+            _fill(c, nkeys)
+            c.compact()  # start from a compacted log, so every round compacts the same amount
+            _wait_compaction(c)
+            procs = [ctx.Process(target=_loader, args=(str(d.sock), nkeys, 100 + i, stop, out))
+                     for i in range(clients)]
+            for p in procs:
+                p.start()
+            time.sleep(quiet_s)
+            for _ in range(rounds):
+                # The compact op answers when the compaction is over (or after 3 s: then poll,
+                # rarely: stats() itself costs the daemon's loop a few ms with 100k latency
+                # samples to sort, which would show up as the very latency being measured).
+                start = time.monotonic()
+                answer = c.compact()
+                while answer.get("status") == "running":
+                    time.sleep(0.2)
+                    answer = c.stats()["last_compaction"] if c.stats()["compaction"] is None else answer
+                end = time.monotonic()
+                windows.append((start, end))
+                compactions.append(answer)
+                time.sleep(quiet_s)
+    finally:
+        stop.set()
+        samples: list[tuple[float, float]] = []
+        for _ in procs:
+            samples += out.get(timeout=60)
+        for p in procs:
+            p.join(30)
+        d.stop()
+        _unlink_shm(d.data_dir)
+    during = [lat for t, lat in samples if any(a <= t <= b for a, b in windows)]
+    outside = [lat for t, lat in samples if not any(a <= t <= b for a, b in windows)]
+
+    def summary(xs: list[float]) -> dict[str, Any]:
+        return {"n": len(xs), "p50_us": _pct(xs, 0.5) * 1e6, "p99_us": _pct(xs, 0.99) * 1e6,
+                "max_us": max(xs) * 1e6 if xs else 0.0}
+
+    d_sum, w_sum = summary(during), summary(outside)
+    return {"keys": nkeys, "clients": clients, "rounds": rounds, "during": d_sum, "without": w_sum,
+            "p99_ratio": d_sum["p99_us"] / w_sum["p99_us"] if outside and during else None,
+            "compaction_seconds": [round(b - a, 3) for a, b in windows], "compactions": compactions}
+
+
+# --------------------------------------------------------------------- 2. restart
+
+
+def write_three_versions(d: Path, n: int) -> dict[str, Any]:
+    """``n`` keys x 3 versions, one PUT record each, in the log the daemon would have written."""
+    t0 = time.perf_counter()
+    writer, _ = open_log(d, lambda s, ops: None, policy="never")
+    keys = [encode_key(b"%010d" % i) for i in range(n)]
+    for version in range(3):
+        value = bytes([48 + version]) * 100
+        group: list[bytes] = []
+        for k in keys:
+            group.append(writer.encode(((OP_PUT, k, 1, value, 0),))[1])
+            if len(group) == 1000:
+                writer.append(b"".join(group))
+                group = []
+        if group:
+            writer.append(b"".join(group))
+    writer.close()
+    size = sum(p.stat().st_size for p in d.iterdir())
+    return {"keys": n, "records": 3 * n, "log_bytes": size, "write_seconds": time.perf_counter() - t0}
+
+
+_SNAP_LINE = re.compile(r"loaded snapshot \S+: (\d+) entries .*?, (\d+) bytes in ([\d.]+) s \(([\d.]+) s reading")
+_OPEN_LINE = re.compile(r"log open: (\d+) records .*? in ([\d.]+) s;")
+_RECOVERED = re.compile(r"recovered (\d+) records .*? into (\d+) keys in ([\d.]+) s")
+
+
+def _last_start_breakdown(d: Daemon) -> dict[str, Any]:
+    text = d.log_tail(20000)
+    out: dict[str, Any] = {}
+    snaps = _SNAP_LINE.findall(text)
+    if snaps:
+        e, b, s, chk = snaps[-1]
+        out.update(snapshot_entries=int(e), snapshot_bytes=int(b), snapshot_seconds=float(s),
+                   snapshot_read_check_seconds=float(chk))
+    opens = _OPEN_LINE.findall(text)
+    if opens:
+        out.update(open_log_records=int(opens[-1][0]), open_log_seconds=float(opens[-1][1]))
+    rec = _RECOVERED.findall(text)
+    if rec:
+        out.update(recovered_keys=int(rec[-1][1]), table_and_log_seconds=float(rec[-1][2]))
+    return out
+
+
+def _restarts(d: Daemon, runs: int) -> dict[str, Any]:
+    times = []
+    breakdowns = []
+    for _ in range(runs):
+        subprocess.run(["sync"], check=False)
+        times.append(d.start())
+        breakdowns.append(_last_start_breakdown(d))
+        d.stop()
+        _unlink_shm(d.data_dir)
+    mid = sorted(range(runs), key=lambda i: times[i])[runs // 2]
+    return {"runs": runs, "seconds": times, "median_seconds": statistics.median(times),
+            "breakdown_of_median_run": breakdowns[mid]}
+
+
+def bench_restart(work: Path, n: int, runs: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    empty = Daemon(work / "empty", work / "empty.sock", "--compact-min-bytes", NEVER_COMPACT)
+    out["empty_dir"] = _restarts(empty, runs)
+    d = Daemon(work / "big", work / "big.sock", "--fsync", "never", "--compact-min-bytes", NEVER_COMPACT)
+    out["log"] = write_three_versions(d.data_dir, n)
+    out["uncompacted"] = _restarts(d, runs)
+    d.start()
+    try:
+        with d.client(timeout=600) as c:
+            c.compact()
+            out["compaction"] = _wait_compaction(c)
+            assert c.stats()["keys"] == n
+    finally:
+        d.stop()
+        _unlink_shm(d.data_dir)
+    out["compacted_log_bytes"] = sum(p.stat().st_size for p in d.data_dir.iterdir()
+                                     if p.name.startswith(("wal-", "snap-", "MANIFEST")))
+    out["compacted"] = _restarts(d, runs)
+    parse = subprocess.run([sys.executable, "-c", PARSE_CHILD, str(d.data_dir)], capture_output=True, check=True)
+    out["snapshot_parse_only"] = json.loads(parse.stdout)
+    return out
+
+
+# --------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=None, help="where to write (default: ./data-bench)")
+    ap.add_argument("--quick", action="store_true", help="smaller counts")
+    ap.add_argument("--keys", type=int, default=1_000_000, help="keys for the restart test")
+    ap.add_argument("--latency-keys", type=int, default=300_000, help="keys in the table while measuring latency")
+    ap.add_argument("--clients", type=int, default=2, help="processes putting during the latency test")
+    ap.add_argument("--rounds", type=int, default=3, help="compactions during the latency test")
+    ap.add_argument("--restarts", type=int, default=3)
+    ap.add_argument("--keep", action="store_true", help="keep the data dir")
+    args = ap.parse_args()
+    base = args.dir or Path.cwd() / "data-bench"
+    made = not base.exists()
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="compaction-", dir=base))
+    quick = args.quick
+    keys = 100_000 if quick and args.keys == 1_000_000 else args.keys
+    lat_keys = 50_000 if quick and args.latency_keys == 300_000 else args.latency_keys
+    doc: dict[str, Any] = {
+        "bench": "compaction",
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "dir": str(base.resolve()),
+            "psi_cpu_before": _psi(),
+        },
+    }
+    try:
+        doc["latency"] = bench_latency(work, lat_keys, args.clients, 2 if quick else args.rounds,
+                                       1.0 if quick else 3.0)
+        doc["restart"] = bench_restart(work, keys, 1 if quick else args.restarts)
+    finally:
+        doc["machine"]["psi_cpu_after"] = _psi()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+            if made:
+                shutil.rmtree(base, ignore_errors=True)
+
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"compaction-{_dt.date.today().isoformat()}.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(out)
+
+    lat, rs = doc["latency"], doc["restart"]
+    ratio = lat["p99_ratio"]
+    comp = rs["compacted"]["breakdown_of_median_run"]
+    parse = rs["snapshot_parse_only"]
+    snap_s = comp.get("snapshot_seconds", 0.0)
+    rows = [
+        (f"put p50 / p99 without compaction ({lat['clients']} clients, {lat['keys']:,} keys, n={lat['without']['n']})",
+         f"{lat['without']['p50_us']:.0f} / {lat['without']['p99_us']:.0f} us"),
+        (f"put p50 / p99 during compaction (n={lat['during']['n']}, {len(lat['compaction_seconds'])} compactions "
+         f"of {statistics.median(lat['compaction_seconds']):.2f} s)",
+         f"{lat['during']['p50_us']:.0f} / {lat['during']['p99_us']:.0f} us"),
+        ("p99 during / without (target <= 2)", f"{ratio:.2f}" if ratio else "-"),
+        (f"restart, {rs['log']['keys']:,} keys, uncompacted ({rs['log']['records']:,} records, "
+         f"{rs['log']['log_bytes'] / 1e6:.0f} MB): median", f"{rs['uncompacted']['median_seconds']:.2f} s"),
+        (f"restart, same keys, compacted ({rs['compacted_log_bytes'] / 1e6:.0f} MB): median (target <= 1.5 s)",
+         f"{rs['compacted']['median_seconds']:.2f} s"),
+        ("  of which: interpreter, imports, socket (empty data dir)", f"{rs['empty_dir']['median_seconds']:.2f} s"),
+        ("  of which: snapshot read + checksum", f"{comp.get('snapshot_read_check_seconds', 0.0):.2f} s"),
+        ("  of which: snapshot entries decoded (parse alone, separate run)",
+         f"{parse['seconds'] - parse['check_seconds']:.2f} s"),
+        ("  of which: building the shared table (load minus read and parse)",
+         f"{max(0.0, snap_s - comp.get('snapshot_read_check_seconds', 0.0) - (parse['seconds'] - parse['check_seconds'])):.2f} s"),
+        ("compaction of those keys by the daemon (seal to switch)",
+         f"{rs['compaction']['seconds']:.2f} s ({rs['compaction']['entries']:,} entries, "
+         f"{rs['compaction']['bytes_reclaimed'] / 1e6:.0f} MB reclaimed)"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    print(f"| {'measure'.ljust(w)} | result |")
+    print(f"|{'-' * (w + 2)}|--------|")
+    for a, b in rows:
+        print(f"| {a.ljust(w)} | {b} |")
+    print(f"\nCPU PSI before: {doc['machine']['psi_cpu_before']}; after: {doc['machine']['psi_cpu_after']}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
