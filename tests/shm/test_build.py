@@ -20,7 +20,8 @@ from hypothesis.stateful import initialize, invariant, rule
 from walcache import KeyTooLarge, ValueTooLarge
 from walcache.codec import encode_key, encode_value
 from walcache.shm import ShmReader, ShmTable, layout
-from walcache.shm.writer import MAX_LOAD, MIN_LOAD, _builder
+from walcache.shm.creader import extension, extension_error
+from walcache.shm.writer import MAX_LOAD, MIN_LOAD, _builder, _PyBuilder
 
 from .helpers import check_value, make_value, segments_of, unlink_all
 from .test_model import FUTURE, PAST, TableVsModel
@@ -307,11 +308,66 @@ print("built without the extension")
 def test_build_works_without_the_compiled_extension(namespace: str) -> None:
     res = subprocess.run(
         [sys.executable, "-c", _NO_EXTENSION_CHILD, namespace],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, check=False,
         env={k: v for k, v in os.environ.items() if k != "WALCACHE_PURE_PYTHON"},
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "built without the extension"
+
+
+# -- the two builders' own guards (ShmTable.build never trips them; a caller's bug must) ----------
+
+BUILDERS = [
+    pytest.param(_PyBuilder(), id="python"),
+    pytest.param(extension, id="c", marks=pytest.mark.skipif(extension is None, reason=f"not built: {extension_error}")),
+]
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+@pytest.mark.parametrize(
+    ("capacity", "data_off", "data_words", "size"),
+    [
+        (7, 512, 10, 4096),  # not a power of two
+        (4, 512, 10, 4096),  # under MIN_CAPACITY
+        (8, 300, 10, 4096),  # index runs into the data area
+        (8, 516, 10, 4096),  # data area not word-aligned
+        (8, 512, 500, 4096),  # data area past the buffer
+        (1 << 40, 512, 10, 4096),
+    ],
+)
+def test_a_bad_geometry_is_refused_before_anything_is_written(
+    builder: Any, capacity: int, data_off: int, data_words: int, size: int
+) -> None:
+    buf = bytearray(b"\xee" * size)
+    with pytest.raises(ValueError, match="geometry"):
+        builder.build_fill(buf, {b"k": (1, b"v", 1, 0)}, capacity, data_off, data_words, 0)
+    assert buf == b"\xee" * size
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_entries_that_grew_after_measuring_are_refused_not_written_past_the_end(builder: Any) -> None:
+    entries = {encode_key(i): (1, b"x" * 50, i, 0) for i in range(100)}
+    live, words, _ = builder.build_measure(entries, 0)
+    entries[encode_key("late")] = (1, b"y" * 50, 1000, 0)
+    data_off = 256 + 8 * 1024
+    buf = bytearray(data_off + 8 * words + 64)
+    guard = bytes(range(64))
+    buf[-64:] = guard
+    with pytest.raises(RuntimeError, match="changed"):
+        builder.build_fill(buf, entries, 1024, data_off, words, 0)
+    assert buf[-64:] == guard
+    # With room for every entry, it writes them all and says so.
+    del entries[encode_key("late")]
+    assert builder.build_fill(buf, entries, 1024, data_off, words, 0) == (live, words, 99)
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_an_index_with_no_room_left_is_refused(builder: Any) -> None:
+    entries = {encode_key(i): (1, b"", i, 0) for i in range(8)}
+    _, words, _ = builder.build_measure(entries, 0)
+    buf = bytearray(256 + 64 + 8 * words)
+    with pytest.raises(RuntimeError):
+        builder.build_fill(buf, entries, 8, 320, words, 0)  # 8 keys cannot leave an EMPTY slot
 
 
 # -- the writer model, on tables built in bulk ---------------------------------------------------

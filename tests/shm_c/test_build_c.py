@@ -161,57 +161,10 @@ def test_malformed_entries_raise_type_error_and_never_crash(entries: Any) -> Non
         extension.build_fill(buf, entries, 8, 512, 100, layout.now_ms())
 
 
-@pytest.mark.parametrize(
-    ("capacity", "data_off", "data_words", "size"),
-    [
-        (7, 512, 10, 4096),  # not a power of two
-        (4, 512, 10, 4096),  # under MIN_CAPACITY
-        (8, 300, 10, 4096),  # index runs into the data area
-        (8, 516, 10, 4096),  # data area not word-aligned
-        (8, 512, 500, 4096),  # data area past the buffer
-        (1 << 40, 512, 10, 4096),
-    ],
-)
-def test_a_bad_geometry_is_refused_before_anything_is_written(
-    capacity: int, data_off: int, data_words: int, size: int
-) -> None:
-    assert extension is not None
-    buf = bytearray(b"\xee" * size)
-    with pytest.raises(ValueError, match="geometry"):
-        extension.build_fill(buf, {b"k": (1, b"v", 1, 0)}, capacity, data_off, data_words, 0)
-    assert buf == b"\xee" * size
-
-
 def test_a_read_only_buffer_is_refused() -> None:
     assert extension is not None
     with pytest.raises((BufferError, TypeError)):
         extension.build_fill(bytes(4096), {b"k": (1, b"v", 1, 0)}, 8, 512, 10, 0)
-
-
-def test_entries_that_grew_after_measuring_are_refused_not_written_past_the_end() -> None:
-    assert extension is not None
-    entries = {encode_key(i): (1, b"x" * 50, i, 0) for i in range(100)}
-    live, words, _ = extension.build_measure(entries, 0)
-    entries[encode_key("late")] = (1, b"y" * 50, 1000, 0)
-    data_off = 256 + 8 * 1024
-    buf = bytearray(data_off + 8 * words + 64)
-    guard = bytes(range(64))
-    buf[-64:] = guard
-    with pytest.raises(RuntimeError, match="changed"):
-        extension.build_fill(buf, entries, 1024, data_off, words, 0)
-    assert buf[-64:] == guard
-    # With room for every entry, it writes them all and says so.
-    del entries[encode_key("late")]
-    assert extension.build_fill(buf, entries, 1024, data_off, words, 0) == (live, words, 99)
-
-
-def test_an_index_with_no_room_left_is_refused() -> None:
-    assert extension is not None
-    entries = {encode_key(i): (1, b"", i, 0) for i in range(8)}
-    _, words, _ = extension.build_measure(entries, 0)
-    buf = bytearray(256 + 64 + 8 * words)
-    with pytest.raises(RuntimeError):
-        extension.build_fill(buf, entries, 8, 320, words, 0)  # 8 keys cannot leave an EMPTY slot
 
 
 def test_the_compiled_builder_is_the_default(namespace: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -71,6 +71,7 @@ from .layout import (
     R_SEQNO,
     REC_HEADER_SIZE,
     RECORD_HEADER,
+    SLOT,
     SLOT_SIZE,
     TOMBSTONE,
     chunk_words,
@@ -265,7 +266,8 @@ class ShmTable:
         if len(data_name(namespace, 0, 1 << 30)) > MAX_NAME_BYTES:
             raise ValueError(f"namespace {namespace!r} is too long for a shared-memory name")
         ext = _builder(compiled)
-        source: dict[bytes, tuple[int, bytes, int, int]] | list[tuple[bytes, int, bytes, int, int]]
+        builder: _CompiledBuilder = ext if ext is not None else _PyBuilder()
+        source: _Entries
         if isinstance(entries, dict):
             source = entries
         elif isinstance(entries, Mapping):
@@ -275,12 +277,7 @@ class ShmTable:
         else:
             source = list(entries)
         now = now_ms()
-        packed: _Packed | None = None
-        if ext is not None:
-            live, words, max_seqno = ext.build_measure(source, now)
-        else:
-            packed = _pack(source, now)
-            live, words, max_seqno = packed.live, len(packed.data) >> 3, packed.max_seqno
+        live, words, max_seqno = builder.build_measure(source, now)
         slots = max(MIN_CAPACITY, _pow2_at_least(int(capacity / MAX_LOAD) + 1))
         while live + 1 > slots * MIN_LOAD:
             slots *= 2
@@ -288,18 +285,13 @@ class ShmTable:
         table._applied = max(applied_seqno, max_seqno)
         seg = table._new_segment(slots, max(2 * (words << 3), data_bytes, _PAGE), words << 3)
         try:
-            if ext is not None:
-                # Nothing runs between the two calls in the daemon; a caller that changed
-                # the entries meanwhile gets an error, never a record past the committed end.
-                got = ext.build_fill(seg.mm, source, slots, seg.lo << 3, words, now)
-                if got != (live, words, max_seqno):
-                    raise RuntimeError(
-                        f"the entries changed while the table was built: measured {(live, words, max_seqno)}, "
-                        f"wrote {got}"
-                    )
-            else:
-                assert packed is not None
-                _place(seg, packed)
+            # Nothing runs between the two calls in the daemon; a caller that changed the
+            # entries meanwhile gets an error, never a record past the committed end.
+            got = builder.build_fill(seg.mm, source, slots, seg.lo << 3, words, now)
+            if got != (live, words, max_seqno):
+                raise RuntimeError(
+                    f"the entries changed while the table was built: measured {(live, words, max_seqno)}, wrote {got}"
+                )
         except BaseException:
             seg.close()
             _unlink(seg.name)
@@ -862,112 +854,130 @@ def _unlink(name: str) -> None:
 
 # -- bulk build (ShmTable.build) ----------------------------------------------------------------
 #
-# Two implementations of one algorithm, byte for byte: the compiled one in _creader.c
-# (build_measure, build_fill) and this pure-Python reference. Both walk the entries in
-# the order given, validate every entry first (so a bad one is reported even if it has
-# expired), leave out the expired ones, write the records back to back from the start
-# of the data area (seq 0, zero padding) and place each slot by linear probing from
-# ``H & (capacity - 1)``, in entry order, over an index that starts all EMPTY. Nobody
-# maps the segment yet, so plain bulk stores are enough (no seqlock).
+# Two implementations of one algorithm, byte for byte, with one interface: the compiled
+# one in _creader.c (build_measure, build_fill) and the pure-Python reference below.
+# Both walk the entries in the order given, validate every entry first (so a bad one is
+# reported even if it has expired), leave out the expired ones, write the records back
+# to back from the start of the data area (seq 0, zero padding) and place each slot by
+# linear probing from ``H & (capacity - 1)``, in entry order, over an index that starts
+# all EMPTY. Nobody maps the segment yet, so plain bulk stores are enough (no seqlock).
+
+_Entries = dict[bytes, tuple[int, bytes, int, int]] | list[tuple[bytes, int, bytes, int, int]]
 
 
-class _Packed:
-    """The records of a pure-Python build, packed back to back, before the segment exists."""
-
-    __slots__ = ("data", "hashes", "words", "live", "max_seqno")
-
-    def __init__(self, data: bytes, hashes: list[int], words: list[int], max_seqno: int) -> None:
-        self.data = data  # every record, relative to the start of the data area
-        self.hashes = hashes  # XXH64 of each record's key, in record order
-        self.words = words  # each record's word offset in ``data``
-        self.live = len(words)
-        self.max_seqno = max_seqno
-
-
-# One Struct per (klen, vlen) packs a whole padded record in one call; a build with more
-# distinct shapes than this packs the rest in pieces.
-_MAX_SHAPES = 4096
-
-
-def _record_struct(klen: int, vlen: int) -> struct.Struct:
-    pad = (chunk_words(klen, vlen) << 3) - REC_HEADER_SIZE - klen - vlen
-    return struct.Struct(f"=QQQQ{klen}s{vlen}s{pad}x")
-
-
-def _pack(
-    entries: dict[bytes, tuple[int, bytes, int, int]] | list[tuple[bytes, int, bytes, int, int]], now: int
-) -> _Packed:
-    """Validate and pack ``entries`` (all of them, or an exception), dropping the expired."""
-    source: Iterable[tuple[bytes, int, bytes, int, int]]
+def _pairs(entries: _Entries) -> Iterable[tuple[bytes, tuple[int, bytes, int, int]]]:
+    """``(key, (vflag, value, seqno, expiry_ms))`` for either form of the entries."""
     if isinstance(entries, dict):
-        source = ((k, e[0], e[1], e[2], e[3]) for k, e in entries.items())
-    else:
-        source = entries
-    parts: list[bytes] = []
-    hashes: list[int] = []
-    words: list[int] = []
-    add_part, add_hash, add_word = parts.append, hashes.append, words.append
-    shapes: dict[int, struct.Struct] = {}
-    pads = [bytes(n) for n in range(8)]
-    pack_header = RECORD_HEADER.pack
-    top = max_seqno = 0
-    for key, vflag, value, seqno, expiry in source:
-        klen = len(key)
-        vlen = len(value)
-        if not 0 < klen <= MAX_KEY_BYTES:
-            raise KeyTooLarge(f"encoded key of {klen} bytes: the shared table takes 1..{MAX_KEY_BYTES}")
-        if vlen > MAX_VALUE_BYTES:
-            raise ValueTooLarge(f"value of {vlen} bytes: the shared table takes at most {MAX_VALUE_BYTES}")
-        if not (0 <= vflag <= 255 and 0 <= expiry < 1 << 56 and 0 <= seqno < 1 << 64):
-            raise ValueError(f"bad vflag {vflag}, expiry {expiry} or seqno {seqno} for key {key[:40]!r}")
-        if expiry and expiry <= now:
-            continue
-        lens = klen << 32 | vlen
-        shape = shapes.get(lens)
-        if shape is None and len(shapes) < _MAX_SHAPES:
-            shape = shapes[lens] = _record_struct(klen, vlen)
-        nw = (REC_HEADER_SIZE + 7 + klen + vlen) >> 3
-        if shape is not None:
-            add_part(shape.pack(0, lens, expiry << 8 | vflag, seqno, key, value))
-        else:
-            add_part(pack_header(0, lens, expiry << 8 | vflag, seqno) + key + value + pads[(nw << 3) - 32 - klen - vlen])
-        add_hash(hash_key(key))
-        add_word(top)
-        top += nw
-        if seqno > max_seqno:
-            max_seqno = seqno
-    return _Packed(b"".join(parts), hashes, words, max_seqno)
+        return entries.items()
+    return ((e[0], e[1:]) for e in entries)
 
 
-def _key_at(data: bytes, rel: int) -> bytes:
-    """The key of the packed record at word ``rel`` of ``data``."""
-    a = 8 * rel
-    (lens,) = struct.unpack_from("=Q", data, a + 8)
-    return data[a + REC_HEADER_SIZE : a + REC_HEADER_SIZE + (lens >> 32)]
+def _bad_entry(key: bytes, klen: int, vlen: int, vflag: int, seqno: int, expiry: int) -> Exception:
+    if not 0 < klen <= MAX_KEY_BYTES:
+        return KeyTooLarge(f"encoded key of {klen} bytes: the shared table takes 1..{MAX_KEY_BYTES}")
+    if vlen > MAX_VALUE_BYTES:
+        return ValueTooLarge(f"value of {vlen} bytes: the shared table takes at most {MAX_VALUE_BYTES}")
+    return ValueError(f"bad vflag {vflag}, expiry {expiry} or seqno {seqno} for key {key[:40]!r}")
 
 
-def _place(seg: _Segment, packed: _Packed) -> None:
-    """Fill ``seg``'s index for the packed records and copy them into its data area."""
-    data, lo, mask = packed.data, seg.lo, seg.mask
-    index = [EMPTY] * seg.capacity
-    for h, w in zip(packed.hashes, packed.words):
-        i = h & mask
-        x = index[i]
-        while x:
-            if not (x ^ h) & FP_MASK and _key_at(data, (x & LOC_MASK) - lo) == _key_at(data, w):
-                raise ValueError(f"key {_key_at(data, w)[:40]!r} is given twice")
-            i = (i + 1) & mask
+class _PyBuilder:
+    """The pure-Python builder: the reference the compiled one matches byte for byte."""
+
+    # One Struct per (klen, vlen) packs a whole padded record in one call (several times
+    # faster than packing the header and copying key and value apart); past this many
+    # distinct shapes, the rest are packed in pieces.
+    MAX_SHAPES = 4096
+
+    @staticmethod
+    def build_measure(entries: _Entries, now_ms: int) -> tuple[int, int, int]:
+        live = words = max_seqno = 0
+        kmax, vmax, xlim, slim = MAX_KEY_BYTES, MAX_VALUE_BYTES, 1 << 56, 1 << 64
+        for key, (vflag, value, seqno, expiry) in _pairs(entries):
+            klen = len(key)
+            vlen = len(value)
+            if not (0 < klen <= kmax and vlen <= vmax and 0 <= vflag <= 255 and 0 <= expiry < xlim and 0 <= seqno < slim):
+                raise _bad_entry(key, klen, vlen, vflag, seqno, expiry)
+            if expiry and expiry <= now_ms:
+                continue
+            live += 1
+            words += (REC_HEADER_SIZE + 7 + klen + vlen) >> 3
+            if seqno > max_seqno:
+                max_seqno = seqno
+        return live, words, max_seqno
+
+    @classmethod
+    def build_fill(
+        cls, buf: mmap.mmap | bytearray, entries: _Entries, capacity: int, data_off: int, data_words: int, now_ms: int
+    ) -> tuple[int, int, int]:
+        if (
+            capacity < MIN_CAPACITY
+            or capacity & (capacity - 1)
+            or data_off % 8
+            or data_off < HEADER_SIZE + capacity * SLOT_SIZE
+            or data_off + data_words * 8 > min(len(buf), MAX_SEGMENT_BYTES)
+        ):
+            raise ValueError(
+                f"bad geometry: capacity {capacity}, data_off {data_off}, data_words {data_words} "
+                f"for a buffer of {len(buf)} bytes"
+            )
+        mask = capacity - 1
+        index = array.array("Q", bytes(capacity * SLOT_SIZE))
+        shapes: dict[int, struct.Struct] = {}
+        pack_header = RECORD_HEADER.pack_into
+        lo = data_off >> 3
+        off = data_off
+        end = data_off + data_words * 8
+        live = max_seqno = 0
+        kmax, vmax, xlim, slim, fp_mask, hash_ = MAX_KEY_BYTES, MAX_VALUE_BYTES, 1 << 56, 1 << 64, FP_MASK, hash_key
+        for key, (vflag, value, seqno, expiry) in _pairs(entries):
+            klen = len(key)
+            vlen = len(value)
+            if not (0 < klen <= kmax and vlen <= vmax and 0 <= vflag <= 255 and 0 <= expiry < xlim and 0 <= seqno < slim):
+                raise _bad_entry(key, klen, vlen, vflag, seqno, expiry)
+            if expiry and expiry <= now_ms:
+                continue
+            size = (REC_HEADER_SIZE + 7 + klen + vlen) & ~7
+            if off + size > end or live + 1 >= capacity:
+                raise RuntimeError("the entries changed after build_measure: more of them than the table was sized for")
+            lens = klen << 32 | vlen
+            shape = shapes.get(lens)
+            if shape is None and len(shapes) < cls.MAX_SHAPES:
+                shape = shapes[lens] = struct.Struct(f"=QQQQ{klen}s{vlen}s{size - REC_HEADER_SIZE - klen - vlen}x")
+            if shape is not None:
+                shape.pack_into(buf, off, 0, lens, expiry << 8 | vflag, seqno, key, value)
+            else:
+                pack_header(buf, off, 0, lens, expiry << 8 | vflag, seqno)
+                a = off + REC_HEADER_SIZE
+                buf[a : off + size] = key + value + bytes(size - REC_HEADER_SIZE - klen - vlen)
+            h = hash_(key)
+            i = h & mask
             x = index[i]
-        index[i] = (h & FP_MASK) | (lo + w)
-    seg.slots[:] = array.array("Q", index)
-    seg.mm[lo << 3 : (lo << 3) + len(data)] = data
+            while x:
+                if not (x ^ h) & fp_mask and _key_at(buf, x & LOC_MASK) == key:
+                    raise ValueError(f"key {key[:40]!r} is given twice")
+                i = (i + 1) & mask
+                x = index[i]
+            index[i] = (h & fp_mask) | (off >> 3)
+            off += size
+            live += 1
+            if seqno > max_seqno:
+                max_seqno = seqno
+        buf[HEADER_SIZE : HEADER_SIZE + capacity * SLOT_SIZE] = index.tobytes()
+        return live, (off >> 3) - lo, max_seqno
+
+
+def _key_at(buf: mmap.mmap | bytearray, w: int) -> bytes:
+    """The key of the record at word ``w`` of ``buf``."""
+    a = 8 * w
+    (lens,) = SLOT.unpack_from(buf, a + 8)
+    return bytes(buf[a + REC_HEADER_SIZE : a + REC_HEADER_SIZE + (lens >> 32)])
 
 
 class _CompiledBuilder(Protocol):
-    def build_measure(self, entries: object, now_ms: int, /) -> tuple[int, int, int]: ...
+    def build_measure(self, entries: _Entries, now_ms: int, /) -> tuple[int, int, int]: ...
 
     def build_fill(
-        self, buf: object, entries: object, capacity: int, data_off: int, data_words: int, now_ms: int, /
+        self, buf: mmap.mmap, entries: _Entries, capacity: int, data_off: int, data_words: int, now_ms: int, /
     ) -> tuple[int, int, int]: ...
 
 
