@@ -74,6 +74,13 @@ def compactor_pids(daemon: DaemonProcess) -> list[int]:
     return out
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def kill_pids(pids: list[int]) -> None:
     for pid in pids:
         try:
@@ -355,7 +362,7 @@ def test_stress_sigkill_of_the_daemon_during_compaction(ws: Workspace, tracked: 
     end = time.monotonic() + STRESS_SECONDS
     seed = SEED
     while time.monotonic() < end:
-        run_sigkill_daemon_cycles(ws, tracked, cycles=3, seed=seed, name=f"s{seed}")
+        run_sigkill_daemon_cycles(ws, tracked, cycles=6, seed=seed, name=f"s{seed}")
         seed += 1
 
 
@@ -363,15 +370,20 @@ def run_sigkill_daemon_cycles(ws: Workspace, tracked: list[int], *, cycles: int,
     rng = random.Random(seed)
     d = ws.daemon("--segment-bytes", "65536", "--fsync", "always", name=name).start()
     with d.client(timeout=30) as c:
-        fill(c, 15_000, "bulk")  # a table big enough that a compaction takes a while
+        fill(c, 40_000, "bulk")  # a table big enough that a compaction takes a while
     writers = Writers(d.socket_path, 3, seed)
     mid_compaction = 0
     try:
         for cycle in range(cycles):
             time.sleep(rng.uniform(0.05, 0.2))
             t = _start_compaction_soon(d)
-            # A seeded moment: while sealing, starting the compactor, scanning, switching, or after.
-            time.sleep(rng.uniform(0.0, 0.4))
+            if cycle % 2:
+                # A seeded moment early on: sealing, waiting for the apply, starting the compactor.
+                time.sleep(rng.uniform(0.0, 0.05))
+            else:
+                # A seeded moment once the compactor runs: handshake, scan, switch, or just after.
+                wait_for(lambda: compactor_pids(d), 10, "the compactor to start")
+                time.sleep(rng.uniform(0.0, 0.15))
             running = compactor_pids(d)
             tracked += running
             mid_compaction += bool(running)
@@ -381,7 +393,7 @@ def run_sigkill_daemon_cycles(ws: Workspace, tracked: list[int], *, cycles: int,
             allowed = writers.models()
             with d.client(timeout=30) as c:
                 check_against(c, allowed, f"seed {seed}, cycle {cycle}")
-                assert sum(1 for k in c if str(k).startswith("bulk")) == 15_000
+                assert sum(1 for k in c if str(k).startswith("bulk")) == 40_000
             writers.resume()
         # And after all that, a compaction runs to the end and a clean restart agrees.
         allowed = writers.models()
@@ -395,6 +407,7 @@ def run_sigkill_daemon_cycles(ws: Workspace, tracked: list[int], *, cycles: int,
         writers.resume()
     finally:
         writers.close()
+    print(f"{mid_compaction} of {cycles} SIGKILLs landed while a compactor ran")
     assert mid_compaction >= 1, f"seed {seed}: no SIGKILL landed while a compactor ran"
     for pid in tracked:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, (
@@ -406,7 +419,7 @@ def test_sigkill_of_the_compactor_at_seeded_moments_loses_nothing(ws: Workspace,
     rng = random.Random(SEED + 1)
     d = ws.daemon("--segment-bytes", "65536", "--fsync", "always").start()
     with d.client(timeout=30) as c:
-        fill(c, 15_000, "bulk")
+        fill(c, 40_000, "bulk")
     writers = Writers(d.socket_path, 3, SEED + 1)
     killed = 0
     backoffs = []
@@ -418,8 +431,8 @@ def test_sigkill_of_the_compactor_at_seeded_moments_loses_nothing(ws: Workspace,
                 wait_for(lambda: compactor_pids(d) or c.stats()["compaction"] is None, 10, "a compactor")
                 pids = compactor_pids(d)
                 tracked += pids
-                time.sleep(rng.uniform(0.0, 0.25))
-                if pids and psutil.pid_exists(pids[0]):
+                time.sleep(rng.uniform(0.0, 0.12))
+                if pids and _running(pids[0]):
                     kill_pids(pids)
                     killed += 1
                 t.join(30)

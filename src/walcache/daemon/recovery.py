@@ -30,6 +30,9 @@ durable: claims are taken before a record is encoded and only ever state what
 fdatasync had already confirmed. Records with seqno <= g never appear after X:
 the writer writes in order and recovery zeroes a torn tail durably before
 anything new is written.
+A claim is a lower bound, never more: whatever else syncs a segment (the
+compactor fdatasyncs the segments after its seal, compaction.py step 4) only
+makes more bytes durable than any record claims, which this argument allows.
 
 Why it never silently truncates corruption. A bad record followed by data
 that was written after it was synced is caught by step 3 as soon as any

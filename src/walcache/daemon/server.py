@@ -954,7 +954,8 @@ class Daemon:
                 pass
         doc = c.result or {}
         status = doc.get("status")
-        if code == 0 and status == "done":
+        if status == "done":
+            # It reports "done" after its last step: whatever ended it afterwards changed nothing.
             self._finish_compaction("done", doc=doc)
         elif code == 0 and status == "nothing to compact":
             self._finish_compaction("nothing to compact")
