@@ -11,11 +11,15 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule
 
 from walcache import LogCorrupt
 from walcache.daemon.apply import DictTable, apply_ops
@@ -513,3 +517,72 @@ def test_recovery_changes_nothing_when_no_compactor_ever_ran(tmp_path: Path) -> 
     log.writer.close()
     reopen(tmp_path)[0].close()
     assert not (tmp_path / COMPACT_LOCK_NAME).exists()
+
+
+# --------------------------------------------------------------------- a model-based run
+
+
+class CompactionMachine(RuleBasedStateMachine):
+    """Puts, deletes, batches, compactions (some cut by a crash at any durable call), restarts.
+
+    Invariant after every restart: the recovered state is the model's. Every
+    write is acknowledged once append returns (fsync=always), so nothing may be
+    missing, whatever step a crash cut.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="wcm-"))
+        self.log = Log(self.dir)
+
+    def teardown(self) -> None:
+        self.log.writer.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    keys = st.integers(0, 9).map(lambda i: b"bk%d" % i)
+
+    @rule(key=keys, value=st.binary(max_size=30))
+    def put(self, key: bytes, value: bytes) -> None:
+        self.log.put(key, value)
+
+    @rule(key=keys)
+    def delete(self, key: bytes) -> None:
+        self.log.delete(key)
+
+    @rule(pairs=st.lists(st.tuples(keys, st.one_of(st.none(), st.binary(max_size=10))), min_size=2, max_size=4))
+    def batch(self, pairs: list[tuple[bytes, bytes | None]]) -> None:
+        self.log.write([(OP_DELETE, k, 0, b"", 0) if v is None else (OP_PUT, k, 0, v, 0) for k, v in pairs])
+
+    @rule()
+    def compact(self) -> None:
+        try:
+            self.log.seal_and_compact()
+        except NothingToCompact:
+            pass
+
+    @rule(op=st.sampled_from(["open", "pwrite", "fdatasync", "rename", "fsync_dir", "unlink"]),
+          n=st.integers(1, 4), power=st.booleans())
+    def compact_and_crash(self, op: str, n: int, power: bool) -> None:
+        fo = FaultyFileOps(crash_at=(op, n))
+        try:
+            self.log.seal_and_compact(fileops=fo)
+        except (SimulatedCrash, NothingToCompact):
+            pass
+        if power:
+            fo.drop_unsynced()
+        else:
+            fo.kill()
+        self.restart()
+
+    @rule()
+    def restart(self) -> None:
+        expected = self.log.model()
+        written = self.log.written
+        self.log.writer.close()
+        self.log = Log(self.dir)
+        self.log.written = written
+        assert self.log.model() == expected
+
+
+TestCompactionMachine = CompactionMachine.TestCase
+TestCompactionMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)

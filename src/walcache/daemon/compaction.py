@@ -419,6 +419,8 @@ def compact(
     result = CompactionResult(seal_seqno, next_segno)
     S = seal_seqno
 
+    if S < 1:
+        raise NothingToCompact("the log holds no record to compact", path=str(data_dir))
     old = read_manifest(data_dir, fo)
     if old is not None and old.seal_seqno >= S:
         raise NothingToCompact(
