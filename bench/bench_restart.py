@@ -23,7 +23,8 @@ runs, each in a fresh process (imports excluded; every run pays for its own memo
 - walcache serve (c): a real daemon on the data dir is SIGKILLed, a new one is started
   and timed until ``Client.stats()`` answers with its pid (interpreter start and
   imports included). It runs whatever start path the daemon has; the row says which
-  (from its log).
+  (from its log). The same on an empty data dir gives the fixed part of a daemon
+  start (interpreter, imports, lock, socket) to add to a script's "ready".
 
 "ready" is start of replay to table published. "free staging" is the time to drop the
 DictTable afterwards (1M tuples), which a daemon can do after it publishes. Peak RSS is
@@ -307,6 +308,10 @@ def main() -> int:
         doc["compacted_log"] = compact_copy(logdir, work / "compacted")
         sources = {"log": logdir, "compacted": work / "compacted"}
         doc["results"] = {}
+        if not args.no_serve:
+            print("... empty data dir: walcache serve", file=sys.stderr, flush=True)
+            (work / "empty").mkdir()
+            doc["results"]["empty dir"] = {"serve": run_serve(work / "empty", runs)}
         for src, d in sources.items():
             rows: dict[str, Any] = {}
             for mode in ("bulk-c", "bulk-py", "put-per-key"):

@@ -315,6 +315,32 @@ def test_build_works_without_the_compiled_extension(namespace: str) -> None:
     assert res.stdout.strip() == "built without the extension"
 
 
+@pytest.mark.parametrize(
+    "pure",
+    ["1", pytest.param("0", marks=pytest.mark.skipif(extension is None, reason=f"not built: {extension_error}"))],
+)
+def test_publishing_marks_every_slot_of_the_retired_table_moved(
+    namespace: str, reader_of: Any, monkeypatch: pytest.MonkeyPatch, pure: str
+) -> None:
+    # Both loops (Python, and the extension's when built) store MOVED slot by slot.
+    monkeypatch.setenv("WALCACHE_PURE_PYTHON", pure)
+    old = ShmTable.build(namespace, entries_of(700), compiled=False)
+    old.publish()
+    r = reader_of(namespace)
+    assert len(r) == 700
+    new = ShmTable.build(namespace, entries_of(10, first_seqno=5000), compiled=False)
+    new.publish()
+    seg = old._seg
+    assert seg is not None
+    assert seg.q[layout.H_STALE] == 1
+    assert set(seg.slots.tolist()) == {layout.MOVED} and len(seg.slots) == seg.capacity
+    # The records themselves are untouched: the old mapping stays a frozen copy.
+    assert seg.q[seg.lo + layout.R_SEQNO] == 1
+    assert len(r) == 10  # the reader met MOVED or stale and followed the new table
+    old.close()
+    new.close(unlink=True)
+
+
 # -- the two builders' own guards (ShmTable.build never trips them; a caller's bug must) ----------
 
 BUILDERS = [

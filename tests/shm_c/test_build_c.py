@@ -179,6 +179,24 @@ def test_the_key_limit_message_names_the_size() -> None:
         extension.build_measure([(b"k" * 65536, 1, b"", 1, 0)], 0)
 
 
+def test_mark_moved_stores_moved_in_every_slot_and_nothing_else() -> None:
+    assert extension is not None
+    raw = bytearray(range(256)) * 16
+    q = memoryview(raw).cast("Q")
+    extension.mark_moved(q[4:100])
+    words = q.tolist()
+    assert words[4:100] == [layout.MOVED] * 96
+    untouched = memoryview(bytearray(range(256)) * 16).cast("Q").tolist()
+    assert words[:4] == untouched[:4] and words[100:] == untouched[100:]
+
+
+@pytest.mark.parametrize("bad", [bytearray(12), bytes(16), memoryview(bytearray(24))[4:20]])
+def test_mark_moved_refuses_what_is_not_whole_writable_aligned_slots(bad: Any) -> None:
+    assert extension is not None
+    with pytest.raises((ValueError, TypeError, BufferError)):
+        extension.mark_moved(bad)
+
+
 class BuiltTableVsModelC(BuiltTableVsModel):
     """The bulk-built writer model with the compiled builder, read through the C reader."""
 

@@ -1580,6 +1580,34 @@ build_fill(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                          (unsigned long long)max_seqno);
 }
 
+/* Retiring a segment (writer.py _mark_moved): MOVED into every slot of ``buf`` (the index
+ * of a segment that is no longer current), one aligned 8-byte atomic store each, never a
+ * bulk memset (vector stores are not promised atomic per 8 bytes, and a reader may be
+ * loading any slot). The release fence orders the writer's earlier stores (the header's
+ * stale flag) before the first MOVED on any architecture; the GIL is released meanwhile
+ * (a 4M-slot index takes a few ms here, ~0.3 s in pure Python). */
+static PyObject *
+mark_moved(PyObject *mod, PyObject *buf)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (view.len % SLOT_SIZE || ((uintptr_t)view.buf & 7)) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "mark_moved needs an 8-byte-aligned buffer of whole slots");
+        return NULL;
+    }
+    aword *S = (aword *)view.buf;
+    size_t n = (size_t)view.len / SLOT_SIZE;
+    Py_BEGIN_ALLOW_THREADS
+    atomic_thread_fence(memory_order_release);
+    for (size_t i = 0; i < n; i++)
+        atomic_store_explicit(&S[i], SLOT_MOVED, memory_order_relaxed);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"xxh64", (PyCFunction)(void (*)(void))reader_xxh64, METH_FASTCALL,
      "xxh64(data, seed=0) -> int: XXH64 as the reader computes it"},
@@ -1590,6 +1618,8 @@ static PyMethodDef module_methods[] = {
     {"build_fill", (PyCFunction)(void (*)(void))build_fill, METH_FASTCALL,
      "build_fill(buf, entries, capacity, data_off, data_words, now_ms) -> (live, data_words, max_seqno): "
      "write the records and the index of an unpublished segment (ShmTable.build)"},
+    {"mark_moved", (PyCFunction)mark_moved, METH_O,
+     "mark_moved(slots): MOVED into every 8-byte slot of a retired segment's index, one atomic store each"},
     {NULL, NULL, 0, NULL},
 };
 
