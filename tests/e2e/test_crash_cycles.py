@@ -18,6 +18,8 @@ import random
 import time
 from typing import Any
 
+import pytest
+
 import walcache
 from walcache_testing import Workspace
 
@@ -102,9 +104,12 @@ def _reader(rid: int, sock: str, seed: int, outage: Any, stop: Any, out: Any) ->
     c.close()
 
 
-def test_acknowledged_writes_survive_sigkill_cycles(ws: Workspace) -> None:
+@pytest.mark.parametrize("fsync", ["always", "never"])
+def test_acknowledged_writes_survive_sigkill_cycles(ws: Workspace, fsync: str) -> None:
+    # "never" too: every policy acks after write(), so a process crash loses nothing
+    # (and under "never" the loop thread writes the batches itself).
     rng = random.Random(SEED)
-    d = ws.daemon().start()
+    d = ws.daemon("--fsync", fsync).start()
     pause, stop, outage = ctx.Event(), ctx.Event(), ctx.Event()
     out: Any = ctx.Queue()
     procs = [
