@@ -68,7 +68,7 @@ CHILD = r"""
 import gc, json, os, resource, sys, time
 from pathlib import Path
 from walcache.daemon.apply import DictTable, apply_ops
-from walcache.daemon.recovery import open_log, snapshot_hint
+from walcache.daemon.recovery import open_log
 from walcache.shm import ShmReader, ShmTable
 d, mode, ns = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 now = int(time.time() * 1000)
@@ -87,9 +87,8 @@ if mode in ("bulk-c", "bulk-py"):
     t4 = time.perf_counter()
     out.update(replay=t1 - t0, build=t2 - t1, publish=t3 - t2, ready=t3 - t0, free_staging=t4 - t3)
 else:
-    snap_entries, snap_bytes = snapshot_hint(d)
-    table = ShmTable.create(ns, capacity=max(16, 1024, snap_entries + snap_entries // 4),
-                            data_bytes=max(1 << 20, 2 * (snap_bytes + 16 * snap_entries)))
+    # The former start: one put per key into a table that grows as it goes.
+    table = ShmTable.create(ns, capacity=1024)
     writer, report = open_log(d, lambda s, ops: apply_ops(table, s, ops, now), policy="never")
     t1 = time.perf_counter()
     table.publish()

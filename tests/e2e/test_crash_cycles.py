@@ -82,7 +82,7 @@ def _writer(wid: int, sock: str, seed: int, pause: Any, stop: Any, out: Any) -> 
 def _reader(rid: int, sock: str, seed: int, outage: Any, stop: Any, out: Any) -> None:
     rng = random.Random(seed)
     c = walcache.Client(sock, timeout=2)
-    reads = during_outage = bad = 0
+    reads = during_outage = bad = unreadable = 0
     first_bad = ""
     while not stop.is_set():
         wid = rng.randrange(WRITERS)
@@ -90,6 +90,16 @@ def _reader(rid: int, sock: str, seed: int, outage: Any, stop: Any, out: Any) ->
         down = outage.is_set()
         try:
             v = c.get(key)
+        except walcache.TableUnavailable as exc:
+            # Allowed only as the reader's proof that the daemon died while writing
+            # this very record (its seq stayed odd, its pid is gone): no value can be
+            # trusted then, and saying so is the right answer until a restart.
+            if "died in the middle of a write" in str(exc):
+                unreadable += 1
+                continue
+            bad += 1
+            first_bad = first_bad or f"{key}: {exc!r}"
+            continue
         except walcache.WalcacheError as exc:
             bad += 1
             first_bad = first_bad or f"{key}: {exc!r}"
@@ -100,7 +110,7 @@ def _reader(rid: int, sock: str, seed: int, outage: Any, stop: Any, out: Any) ->
         if v is not None and not (isinstance(v, str) and v.startswith(f"w{wid}-")):
             bad += 1
             first_bad = first_bad or f"{key}: {v!r}"
-    out.put(("reader", rid, reads, during_outage, bad, first_bad))
+    out.put(("reader", rid, reads, during_outage, bad, first_bad, unreadable))
     c.close()
 
 
@@ -167,6 +177,7 @@ def test_acknowledged_writes_survive_sigkill_cycles(ws: Workspace, fsync: str) -
     readers = [r for r in results if r[0] == "reader"]
     assert len(writers) == WRITERS and len(readers) == READERS
     assert sum(r[2] for r in writers) > CYCLES  # acknowledged writes happened in the cycles
-    for _, rid, reads, during_outage, bad, first_bad in readers:
+    for _, rid, reads, during_outage, bad, first_bad, unreadable in readers:
         assert bad == 0, f"seed {SEED}: reader {rid} saw {bad} bad reads, first {first_bad}"
         assert reads > 0 and during_outage > 0, (rid, reads, during_outage)
+        assert unreadable < reads // 10, (rid, unreadable, reads)  # one key at a time, rarely

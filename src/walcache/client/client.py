@@ -191,6 +191,13 @@ class Client(MutableMapping[Key, Any]):
             return self._fast_get(key, default)
         except ReadContention:
             return self._get_via_daemon(key, default)
+        except TableUnavailable as exc:
+            # E.g. the daemon was killed in the middle of writing this key's record:
+            # a restarted daemon may already answer (and has published a new table).
+            try:
+                return self._get_via_daemon(key, default)
+            except DaemonUnavailable:
+                raise exc from None
 
     def _get_via_daemon(self, key: Key, default: Any) -> Any:
         found = self._call("get", encode_key(key))

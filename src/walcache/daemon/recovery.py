@@ -129,7 +129,6 @@ __all__ = [
     "check_log",
     "classify",
     "load_snapshot",
-    "snapshot_hint",
     "RecoveryReport",
     "CheckReport",
     "SnapshotLoad",
@@ -383,15 +382,6 @@ def load_snapshot(
         return None, _snapshot_problem(path, manifest, f"{count} entries, the footer says {footer.entries}")
     load = SnapshotLoad(path, seal, manifest.next_segno, count, len(buf), t_check, time.perf_counter() - t0)
     return load, None
-
-
-def snapshot_hint(data_dir: Path) -> tuple[int, int]:
-    """(entries, bytes) of the snapshot the MANIFEST names, (0, 0) if none: to size a table up front."""
-    try:
-        m = read_manifest(Path(data_dir))
-    except LogCorrupt:
-        return 0, 0
-    return (m.entries, m.snapshot_bytes) if m is not None else (0, 0)
 
 
 def _check_start(data_dir: Path, scan: LogScan, manifest: Manifest | None) -> Problem | None:

@@ -137,6 +137,11 @@ class _Item:
         self.result: Any = None  # read: a callable; error: the exception
 
 
+# Commit and fsync latencies reported by stats() are over the most recent
+# samples: enough for a stable p99, cheap enough to sort on every stats call.
+LATENCY_SAMPLES = 10_000
+
+
 class _SealRequest:
     """A flusher job: seal the log (compaction step 1) between two batches."""
 
@@ -157,8 +162,8 @@ class _Flusher(threading.Thread):
         # Seal results for the loop: (sealed segno K, seal seqno S) or the error.
         self.seals: deque[tuple[int, int] | BaseException] = deque()
         # Recent figures for stats: whole appends (write + sync) and the syncs alone.
-        self.latencies: deque[float] = deque(maxlen=100_000)
-        self.sync_latencies: deque[float] = deque(maxlen=100_000)
+        self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.sync_latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
 
     def run(self) -> None:
         while True:
