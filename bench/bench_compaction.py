@@ -36,15 +36,11 @@ import argparse
 import datetime as _dt
 import json
 import multiprocessing as mp
-import os
-import platform
 import re
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +52,8 @@ from walcache.daemon.recovery import open_log
 from walcache.daemon.walformat import OP_PUT
 from walcache.paths import shm_namespace
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import common
+
 NEVER_COMPACT = str(10**15)  # --compact-min-bytes: no automatic compaction in the restart runs
 
 PARSE_CHILD = r"""
@@ -71,18 +68,6 @@ assert problem is None, problem
 print(json.dumps({"seconds": time.perf_counter() - t0, "check_seconds": load.check_seconds,
                   "entries": load.entries}))
 """
-
-
-def _psi() -> str | None:
-    try:
-        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
-    except OSError:
-        return None
-
-
-def _pct(xs: list[float], p: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(p * len(s)))] if s else 0.0
 
 
 class Daemon:
@@ -129,16 +114,6 @@ class Daemon:
 
     def client(self, timeout: float = 60) -> Client:
         return Client(self.sock, timeout=timeout)
-
-
-def _unlink_shm(data_dir: Path) -> None:
-    ns = shm_namespace(data_dir)
-    for name in os.listdir("/dev/shm"):
-        if name.startswith(ns):
-            try:
-                os.unlink(f"/dev/shm/{name}")
-            except OSError:
-                pass
 
 
 def _fill(c: Client, n: int) -> None:
@@ -215,7 +190,7 @@ def bench_latency(work: Path, nkeys: int, clients: int, rounds: int, quiet_s: fl
         for p in procs:
             p.join(30)
         d.stop()
-        _unlink_shm(d.data_dir)
+        common.unlink_shm(shm_namespace(d.data_dir))
     # Pooled: every put during a compaction vs every other put of the run. Paired: each
     # compaction against the quiet stretch just before it (the machine is shared: its load
     # drifts, and a pair sees the same weather), summarised by the median ratio.
@@ -223,7 +198,7 @@ def bench_latency(work: Path, nkeys: int, clients: int, rounds: int, quiet_s: fl
     outside = [lat for t, lat in samples if not any(a <= t <= b for a, b in windows)]
 
     def summary(xs: list[float]) -> dict[str, Any]:
-        return {"n": len(xs), "p50_us": _pct(xs, 0.5) * 1e6, "p99_us": _pct(xs, 0.99) * 1e6,
+        return {"n": len(xs), "p50_us": common.pct(xs, 0.5) * 1e6, "p99_us": common.pct(xs, 0.99) * 1e6,
                 "max_us": max(xs) * 1e6 if xs else 0.0}
 
     pairs = []
@@ -231,8 +206,8 @@ def bench_latency(work: Path, nkeys: int, clients: int, rounds: int, quiet_s: fl
         inside = [lat for t, lat in samples if a <= t <= b]
         before = [lat for t, lat in samples if a - quiet_s <= t < a]
         if inside and before:
-            pairs.append({"during_p99_us": _pct(inside, 0.99) * 1e6, "before_p99_us": _pct(before, 0.99) * 1e6,
-                          "ratio": _pct(inside, 0.99) / _pct(before, 0.99)})
+            pairs.append({"during_p99_us": common.pct(inside, 0.99) * 1e6, "before_p99_us": common.pct(before, 0.99) * 1e6,
+                          "ratio": common.pct(inside, 0.99) / common.pct(before, 0.99)})
     d_sum, w_sum = summary(during), summary(outside)
     return {"keys": nkeys, "clients": clients, "rounds": rounds, "during": d_sum, "without": w_sum,
             "p99_ratio": d_sum["p99_us"] / w_sum["p99_us"] if outside and during else None,
@@ -293,7 +268,7 @@ def _restarts(d: Daemon, runs: int) -> dict[str, Any]:
         times.append(d.start())
         breakdowns.append(_last_start_breakdown(d))
         d.stop()
-        _unlink_shm(d.data_dir)
+        common.unlink_shm(shm_namespace(d.data_dir))
     mid = sorted(range(runs), key=lambda i: times[i])[runs // 2]
     return {"runs": runs, "seconds": times, "median_seconds": statistics.median(times),
             "breakdown_of_median_run": breakdowns[mid]}
@@ -314,7 +289,7 @@ def bench_restart(work: Path, n: int, runs: int) -> dict[str, Any]:
             assert c.stats()["keys"] == n
     finally:
         d.stop()
-        _unlink_shm(d.data_dir)
+        common.unlink_shm(shm_namespace(d.data_dir))
     out["compacted_log_bytes"] = sum(p.stat().st_size for p in d.data_dir.iterdir()
                                      if p.name.startswith(("wal-", "snap-", "MANIFEST")))
     out["compacted"] = _restarts(d, runs)
@@ -341,40 +316,26 @@ def main() -> int:
     if args.from_json:
         render(json.loads(args.from_json.read_text()))
         return 0
-    base = args.dir or Path.cwd() / "data-bench"
-    made = not base.exists()
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="compaction-", dir=base))
+    wd = common.WorkDir(args.dir, prefix="compaction-")
+    work = wd.path
     quick = args.quick
     keys = 100_000 if quick and args.keys == 1_000_000 else args.keys
     lat_keys = 50_000 if quick and args.latency_keys == 300_000 else args.latency_keys
     doc: dict[str, Any] = {
         "bench": "compaction",
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "dir": str(base.resolve()),
-            "psi_cpu_before": _psi(),
-        },
+        "machine": common.disk_machine(wd.base),
     }
     try:
         doc["latency"] = bench_latency(work, lat_keys, args.clients, 2 if quick else args.rounds,
                                        1.0 if quick else 2.0)
         doc["restart"] = bench_restart(work, keys, 1 if quick else args.restarts)
     finally:
-        doc["machine"]["psi_cpu_after"] = _psi()
+        doc["machine"]["psi_cpu_after"] = common.psi_cpu()
         if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-            if made:
-                shutil.rmtree(base, ignore_errors=True)
+            wd.remove()
 
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"compaction-{_dt.date.today().isoformat()}.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(out)
+    out = common.write_dated_json(doc, "compaction")
     render(doc)
     print(f"wrote {out}")
     return 0
@@ -418,11 +379,7 @@ def render(doc: dict[str, Any]) -> None:
          f"{rs['compaction']['seconds']:.2f} s ({rs['compaction']['entries']:,} entries, "
          f"{rs['compaction']['bytes_reclaimed'] / 1e6:.0f} MB reclaimed)"),
     ]
-    w = max(len(r[0]) for r in rows)
-    print(f"| {'measure'.ljust(w)} | result |")
-    print(f"|{'-' * (w + 2)}|--------|")
-    for a, b in rows:
-        print(f"| {a.ljust(w)} | {b} |")
+    common.print_measure_table(rows)
     print(f"\nCPU PSI before: {doc['machine']['psi_cpu_before']}; after: {doc['machine']['psi_cpu_after']}")
 
 

@@ -42,14 +42,12 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import re
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -61,7 +59,8 @@ from walcache.daemon.recovery import open_log
 from walcache.daemon.walformat import OP_PUT
 from walcache.paths import shm_namespace
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import common
+
 NEVER_COMPACT = str(10**15)  # --compact-min-bytes: no automatic compaction during the restarts
 
 CHILD = r"""
@@ -110,22 +109,6 @@ writer.close()
 table.close(unlink=False)  # left published: the next run retires it, as a restart after SIGKILL does
 print(json.dumps(out))
 """
-
-
-def _psi() -> str | None:
-    try:
-        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
-    except OSError:
-        return None
-
-
-def _unlink_shm(namespace: str) -> None:
-    for name in os.listdir("/dev/shm"):
-        if name == namespace or name.startswith(namespace + "."):
-            try:
-                os.unlink(f"/dev/shm/{name}")
-            except OSError:
-                pass
 
 
 def write_log(d: Path, n: int, value: bytes) -> dict[str, Any]:
@@ -220,7 +203,7 @@ def compact_copy(src: Path, dst: Path) -> dict[str, Any]:
             seconds = time.perf_counter() - t0
     finally:
         d.stop()
-        _unlink_shm(shm_namespace(dst))
+        common.unlink_shm(shm_namespace(dst))
     if not last or last.get("status") != "done":
         raise RuntimeError(f"compaction failed: {last}")
     return {"log_bytes": _dir_bytes(dst), "compaction_seconds": seconds, "last_compaction": last}
@@ -245,7 +228,7 @@ def run_script(d: Path, mode: str, runs: int, n: int, value: bytes) -> dict[str,
             if run:
                 results.append(r)
     finally:
-        _unlink_shm(ns)
+        common.unlink_shm(ns)
     phases = [k for k, v in results[0].items() if isinstance(v, float)]
     return {
         "runs": runs,
@@ -273,7 +256,7 @@ def run_serve(d: Path, runs: int) -> dict[str, Any]:
             )  # fmt: skip
     finally:
         daemon.kill()
-        _unlink_shm(shm_namespace(d))
+        common.unlink_shm(shm_namespace(d))
     return {"runs": runs, "seconds": times, "median": {"ready": statistics.median(times)}, "daemon_says": lines}
 
 
@@ -288,22 +271,14 @@ def main() -> int:
     args = ap.parse_args()
     keys = 100_000 if args.quick and args.keys == 1_000_000 else args.keys
     runs = 1 if args.quick else args.runs
-    base = args.dir or Path.cwd() / "data-bench"
-    made = not base.exists()
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="restart-", dir=base))
+    wd = common.WorkDir(args.dir, prefix="restart-")
+    work = wd.path
     value = os.urandom(100)
     doc: dict[str, Any] = {
         "bench": "restart",
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
         "keys": keys,
-        "machine": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "dir": str(base.resolve()),
-            "psi_cpu_before": _psi(),
-        },
+        "machine": common.disk_machine(wd.base),
     }
     try:
         logdir = work / "log"
@@ -325,17 +300,11 @@ def main() -> int:
                 rows["serve"] = run_serve(d, runs)
             doc["results"][src] = rows
     finally:
-        doc["machine"]["psi_cpu_after"] = _psi()
+        doc["machine"]["psi_cpu_after"] = common.psi_cpu()
         if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-            if made:
-                shutil.rmtree(base, ignore_errors=True)
+            wd.remove()
 
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"restart-{_dt.date.today().isoformat()}.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(out)
+    out = common.write_dated_json(doc, "restart")
 
     def s(m: dict[str, float], k: str) -> str:
         return f"{m[k]:.2f}" if k in m else "-"

@@ -29,12 +29,10 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,8 @@ from typing import Any
 from walcache.daemon.recovery import open_log
 from walcache.daemon.walformat import OP_PUT
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import common
+
 
 REPLAY_CHILD = r"""
 import gc, json, sys, time
@@ -59,18 +58,6 @@ dt = time.perf_counter() - t0
 writer.close()
 print(json.dumps({"records": report.records, "seconds": dt, "keys": len(table), "bytes": report.bytes_read}))
 """
-
-
-def _psi() -> str | None:
-    try:
-        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
-    except OSError:
-        return None
-
-
-def _pct(xs: list[float], p: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(p * len(s)))]
 
 
 def bench_fdatasync(d: Path, n: int) -> dict[str, Any]:
@@ -94,7 +81,7 @@ def bench_fdatasync(d: Path, n: int) -> dict[str, Any]:
         finally:
             os.close(fd)
             path.unlink()
-        out[name] = {"p50_us": _pct(times, 0.5) * 1e6, "p99_us": _pct(times, 0.99) * 1e6, "n": n}
+        out[name] = {"p50_us": common.pct(times, 0.5) * 1e6, "p99_us": common.pct(times, 0.99) * 1e6, "n": n}
     return out
 
 
@@ -135,8 +122,8 @@ def bench_group_commit(d: Path, batch: int, seconds: float) -> dict[str, Any]:
         "appends": len(lat),
         "records_per_s": i / dt,
         "appends_per_s": len(lat) / dt,
-        "append_p50_us": _pct(lat, 0.5) * 1e6,
-        "append_p99_us": _pct(lat, 0.99) * 1e6,
+        "append_p50_us": common.pct(lat, 0.5) * 1e6,
+        "append_p99_us": common.pct(lat, 0.99) * 1e6,
     }
 
 
@@ -188,22 +175,14 @@ def main() -> int:
     ap.add_argument("--replays", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the data dir")
     args = ap.parse_args()
-    base = args.dir or Path.cwd() / "data-bench"
-    made = not base.exists()
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="wal-", dir=base))
+    wd = common.WorkDir(args.dir, prefix="wal-")
+    work = wd.path
     quick = args.quick
     records = 100_000 if quick and args.records == 1_000_000 else args.records
     doc: dict[str, Any] = {
         "bench": "wal",
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "dir": str(base.resolve()),
-            "psi_cpu_before": _psi(),
-        },
+        "machine": common.disk_machine(wd.base),
     }
     try:
         doc["fdatasync"] = bench_fdatasync(work, 100 if quick else 500)
@@ -214,17 +193,11 @@ def main() -> int:
         doc["replay_log"] = write_replay_log(work / "replay", records)
         doc["replay"] = bench_replay(work / "replay", 1 if quick else args.replays)
     finally:
-        doc["machine"]["psi_cpu_after"] = _psi()
+        doc["machine"]["psi_cpu_after"] = common.psi_cpu()
         if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-            if made:
-                shutil.rmtree(base, ignore_errors=True)
+            wd.remove()
 
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"wal-{_dt.date.today().isoformat()}.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(out)
+    out = common.write_dated_json(doc, "wal")
 
     f = doc["fdatasync"]
     rows = [
@@ -244,11 +217,7 @@ def main() -> int:
                  f" {rp['dict']['median_seconds']:.2f} s"))
     rows.append((f"replay {n:,} records, log only: records/s median (best)",
                  f"{rp['log-only']['median_records_per_s']:,.0f} ({rp['log-only']['best_records_per_s']:,.0f})"))
-    w = max(len(r[0]) for r in rows)
-    print(f"| {'measure'.ljust(w)} | result |")
-    print(f"|{'-' * (w + 2)}|--------|")
-    for a, b in rows:
-        print(f"| {a.ljust(w)} | {b} |")
+    common.print_measure_table(rows)
     print(f"\nlog: {doc['replay_log']['log_bytes']:,} bytes for {n:,} records; "
           f"CPU PSI before: {doc['machine']['psi_cpu_before']}; after: {doc['machine']['psi_cpu_after']}")
     print(f"wrote {out}")
