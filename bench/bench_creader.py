@@ -49,32 +49,17 @@ from walcache.codec import encode_key
 from walcache.shm import ShmReader, ShmTable
 from walcache.shm.creader import CReader, extension, extension_error
 
-VALUE_BYTES = 100
-KEY_BYTES = 10
+import common
+from common import KEY_BYTES, VALUE_BYTES
 BATCH = 100
 ROWS = ["dict.get", "python lookup", "C lookup", "C get_many /key", "lmdb get"]
-
-
-def _pin(cpu: int) -> None:
-    try:
-        if len(os.sched_getaffinity(0)) > 1 and cpu < (os.cpu_count() or 1):
-            os.sched_setaffinity(0, {cpu})
-    except OSError:
-        pass
-
-
-def _dataset(n: int, seed: int) -> tuple[list[bytes], list[bytes]]:
-    rng = random.Random(seed)
-    keys = list({rng.randbytes(KEY_BYTES) for _ in range(n + n // 10)})[:n]
-    rng.shuffle(keys)
-    return keys, [rng.randbytes(VALUE_BYTES) for _ in range(n)]
 
 
 # -- writer processes ----------------------------------------------------------------------------
 
 
 def _table_writer(namespace: str, n: int, seed: int, conn: Connection, go: Any, stop: Any, pin: bool) -> None:
-    keys, values = _dataset(n, seed)
+    keys, values = common.dataset(n, seed)
     t = ShmTable.create(namespace, capacity=n)
     try:
         for seqno, (k, v) in enumerate(zip(keys, values), 1):
@@ -82,7 +67,7 @@ def _table_writer(namespace: str, n: int, seed: int, conn: Connection, go: Any, 
         t.publish()
         conn.send({"stats": t.stats()})
         if pin:
-            _pin(1)
+            common.pin_cpu(1)
         ekeys = [encode_key(k) for k in keys]
         rng = random.Random(seed + 1)
         seqno = n
@@ -103,10 +88,10 @@ def _table_writer(namespace: str, n: int, seed: int, conn: Connection, go: Any, 
 
 
 def _lmdb_writer(path: str, n: int, seed: int, conn: Connection, go: Any, stop: Any, pin: bool) -> None:
-    keys, _ = _dataset(n, seed)
+    keys, _ = common.dataset(n, seed)
     env = lmdb.open(path, map_size=1 << 30, sync=False, metasync=False)
     if pin:
-        _pin(1)
+        common.pin_cpu(1)
     rng = random.Random(seed + 3)
     try:
         while True:
@@ -189,8 +174,8 @@ def _reader(
     namespace: str, lmdb_path: str, n: int, hot: int, seed: int, gets: int, rounds: int, conn: Connection, pin: bool
 ) -> None:
     if pin:
-        _pin(0)
-    keys, values = _dataset(n, seed)
+        common.pin_cpu(0)
+    keys, values = common.dataset(n, seed)
     d = dict(zip(keys, values))
     rng = random.Random(seed + 2)
     seqs = {
@@ -250,16 +235,6 @@ def _recv(conn: Connection, proc: multiprocessing.process.BaseProcess, what: str
     return msg
 
 
-def _build_lmdb(path: str, n: int, seed: int) -> None:
-    keys, values = _dataset(n, seed)
-    env = lmdb.open(path, map_size=1 << 30, sync=False)
-    with env.begin(write=True) as txn:
-        for k, v in zip(keys, values):
-            txn.put(k, v)
-    env.sync(True)
-    env.close()
-
-
 def _unlink_namespace(namespace: str) -> None:
     import posix_ipc
 
@@ -275,16 +250,8 @@ def _unlink_namespace(namespace: str) -> None:
 
 
 def _machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": model,
+        "cpu": common.cpu_model(),
         "nproc": os.cpu_count(),
         "kernel": platform.release(),
         "python": sys.version.split()[0],
@@ -351,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                    "rounds": rounds, "get_many_batch": BATCH, "seed": args.seed, "pinned": pin},  # fmt: skip
     }
     with tempfile.TemporaryDirectory(prefix="walcache-bench-lmdb-") as lmdb_dir:
-        _build_lmdb(lmdb_dir, n, args.seed)
+        common.build_lmdb(lmdb_dir, n, args.seed)
         tconn, tchild = ctx.Pipe()
         lconn, lchild = ctx.Pipe()
         rconn, rchild = ctx.Pipe()

@@ -41,29 +41,14 @@ from walcache import ReadContention
 from walcache.codec import encode_key
 from walcache.shm import ShmReader, ShmTable, layout
 
-VALUE_BYTES = 100
-KEY_BYTES = 10
-
-
-def _pin(cpu: int) -> None:
-    try:
-        if len(os.sched_getaffinity(0)) > 1 and cpu < (os.cpu_count() or 1):
-            os.sched_setaffinity(0, {cpu})
-    except OSError:
-        pass
-
-
-def _dataset(n: int, seed: int) -> tuple[list[bytes], list[bytes]]:
-    rng = random.Random(seed)
-    keys = list({rng.randbytes(KEY_BYTES) for _ in range(n + n // 10)})[:n]
-    rng.shuffle(keys)
-    return keys, [rng.randbytes(VALUE_BYTES) for _ in range(n)]
+import common
+from common import KEY_BYTES, VALUE_BYTES
 
 
 # -- the writer process ---------------------------------------------------------------------
 
 def _writer(namespace: str, n: int, seed: int, conn: Connection, stop: Any, pin: bool) -> None:
-    keys, values = _dataset(n, seed)
+    keys, values = common.dataset(n, seed)
     t = ShmTable.create(namespace, capacity=n)
     seqno = 0
     t0 = time.perf_counter()
@@ -82,7 +67,7 @@ def _writer(namespace: str, n: int, seed: int, conn: Connection, stop: Any, pin:
             cmd = conn.recv()
             if cmd == "write":
                 if pin:
-                    _pin(1)
+                    common.pin_cpu(1)
                 writes = 0
                 t0 = time.perf_counter()
                 while not stop.is_set():
@@ -294,8 +279,8 @@ def _reader_proc(namespace: str, n: int, seed: int, gets: int, rounds: int, lmdb
 
 def _reader_phases(namespace: str, n: int, seed: int, gets: int, rounds: int, lmdb_path: str, conn: Connection, pin: bool) -> None:
     if pin:
-        _pin(0)
-    keys, values = _dataset(n, seed)
+        common.pin_cpu(0)
+    keys, values = common.dataset(n, seed)
     rng = random.Random(seed + 2)
     # Fresh key objects, as a caller would pass them (not the dict's own key objects).
     sample = [bytes(bytearray(keys[rng.randrange(n)])) for _ in range(gets)]
@@ -337,20 +322,10 @@ def _reader_phases(namespace: str, n: int, seed: int, gets: int, rounds: int, lm
     env.close()
 
 
-def _build_lmdb(path: str, n: int, seed: int) -> None:
-    keys, values = _dataset(n, seed)
-    env = lmdb.open(path, map_size=1 << 30, sync=False)
-    with env.begin(write=True) as txn:
-        for k, v in zip(keys, values):
-            txn.put(k, v)
-    env.sync(True)
-    env.close()
-
-
 # -- overwrite: does rewriting every key ten times grow the segment? -------------------------
 
 def _overwrite(n: int, seed: int) -> dict[str, Any]:
-    keys, values = _dataset(n, seed)
+    keys, values = common.dataset(n, seed)
     ekeys = [encode_key(k) for k in keys]
     ns = f"walcache-bench-ow-{os.getpid()}"
     t = ShmTable.create(ns, capacity=n)
@@ -400,16 +375,8 @@ def _recv(conn: Connection, proc: Any, what: str) -> Any:
 
 
 def _machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": model,
+        "cpu": common.cpu_model(),
         "nproc": os.cpu_count(),
         "kernel": platform.release(),
         "python": sys.version.split()[0],
@@ -453,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(w)
             w.start()
             built = _recv(wconn, w, "writer")
-            _build_lmdb(lmdb_dir, n, args.seed)
+            common.build_lmdb(lmdb_dir, n, args.seed)
             r = ctx.Process(
                 target=_reader_proc, args=(namespace, n, args.seed, gets, rounds, lmdb_dir, rchild, pin), daemon=True
             )

@@ -30,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 from bench_wal import bench_fdatasync  # noqa: E402
 from peers import Peer, PeerUnavailable, RedisPeer, WalcachePeer  # noqa: E402
 
@@ -61,10 +62,6 @@ def _client(peer: Peer, seconds: float, seed: int, start: Any, out: Any) -> None
     out.put(lat)
 
 
-def _pct(sorted_ns: list[int], p: float) -> float:
-    return sorted_ns[min(len(sorted_ns) - 1, int(p * len(sorted_ns)))] / 1000.0
-
-
 def measure(peer: Peer, nclients: int, seconds: float, seed: int) -> dict[str, Any]:
     ctx = mp.get_context("fork")
     start, out = ctx.Event(), ctx.Queue()
@@ -91,8 +88,8 @@ def measure(peer: Peer, nclients: int, seconds: float, seed: int) -> dict[str, A
         "clients": nclients,
         "puts": len(lats),
         "puts_per_s": len(lats) / wall,
-        "p50_us": _pct(lats, 0.50),
-        "p99_us": _pct(lats, 0.99),
+        "p50_us": common.pct(lats, 0.50) / 1000.0,
+        "p99_us": common.pct(lats, 0.99) / 1000.0,
     }
     if before and after:
         records = after["records"] - before["records"]

@@ -56,6 +56,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import peers as peers_mod  # noqa: E402
 import ycsb  # noqa: E402
 from peers import Peer, PeerUnavailable, Store  # noqa: E402
@@ -154,14 +155,7 @@ def _run_quiet(cmd: list[str], env: dict[str, str] | None, timeout_s: float) -> 
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = common.cpu_model("?")
     os_name = "?"
     try:
         for line in Path("/etc/os-release").read_text().splitlines():
