@@ -466,7 +466,9 @@ class CpuAccount:
         if busy != busy or wall <= 0:  # NaN: no /proc/stat
             return None
         ncpu = os.cpu_count() or 1
-        return round(max(busy - ours, 0.0) / (wall * ncpu) * 100.0, 1)
+        # Clamped: the samples of /proc/stat and of the processes are not taken at
+        # the same instant, so the difference can overshoot 0..100 by a little.
+        return round(min(max(busy - ours, 0.0) / (wall * ncpu) * 100.0, 100.0), 1)
 
 
 class ClientGroup:
