@@ -78,6 +78,10 @@ _M32 = LOC_MASK
 _MOVED = MOVED
 
 
+#: how long a control segment may stay odd before its writer is declared dead
+CTL_STUCK_NS = 2_000_000_000
+
+
 class _Corrupt(Exception):
     pass
 
@@ -165,8 +169,17 @@ class ShmReader:
             tries += 1
             if tries == RETRY_MIN_TRIES:
                 t0 = time.monotonic_ns()
-            elif tries > RETRY_MIN_TRIES and time.monotonic_ns() - t0 > RETRY_MIN_NS:
-                raise TableUnavailable(f"control segment /{self.namespace} stays mid-update: its writer died")
+            elif tries > RETRY_MIN_TRIES:
+                # The control segment changes only at a publish (a few stores), but a
+                # writer descheduled in that window can hold it odd for milliseconds on
+                # a loaded machine: yield and wait much longer than a record read does
+                # before calling the writer dead.
+                if time.monotonic_ns() - t0 > CTL_STUCK_NS:
+                    raise TableUnavailable(
+                        f"control segment /{self.namespace} stayed mid-update for "
+                        f"{CTL_STUCK_NS // 1_000_000} ms: its writer died or is stopped"
+                    )
+                time.sleep(0)
 
     def _map_current(self) -> None:
         """Map the data segment the control segment names (steps of a remap)."""
