@@ -23,7 +23,7 @@ from typing import Protocol
 
 from .walformat import OP_DELETE, OP_PUT, Op
 
-__all__ = ["Op", "OP_PUT", "OP_DELETE", "Table", "apply_ops", "DictTable"]
+__all__ = ["Op", "OP_PUT", "OP_DELETE", "Table", "apply_ops", "Applier", "DictTable"]
 
 
 class Table(Protocol):
@@ -52,6 +52,43 @@ def apply_ops(table: Table, seqno: int, ops: Sequence[Op], now_ms: int) -> int:
         else:
             raise ValueError(f"unknown optype {optype!r}")
     return existed
+
+
+class Applier:
+    """``apply_ops`` bound to one table and one clock, with a fast path for one-op records.
+
+    Calling it is ``apply_ops(table, seqno, ops, now_ms)``, so it is an ApplyFn
+    for open_log and read_log. The reader's replay loop sees an Applier and
+    calls :meth:`put` / :meth:`delete` for records of a single PUT / DELETE:
+    the same rule as ``apply_ops`` on that one op, without the op tuples, the
+    wrapping lambda and the loop over ops (replaying 10-byte keys, those were
+    about a fifth of the CPU time per record, measured). Any change to the
+    rules in ``apply_ops`` changes these two methods with it; a test applies
+    random records both ways and compares.
+    """
+
+    __slots__ = ("table", "now_ms", "_put", "_delete")
+
+    def __init__(self, table: Table, now_ms: int) -> None:
+        self.table = table
+        self.now_ms = now_ms
+        # Bound once: a per-record attribute lookup on the table is measurable in replay.
+        self._put = table.put
+        self._delete = table.delete
+
+    def __call__(self, seqno: int, ops: Sequence[Op]) -> int:
+        return apply_ops(self.table, seqno, ops, self.now_ms)
+
+    def put(self, seqno: int, key: bytes, vflag: int, value: bytes, expiry_ms: int) -> None:
+        """``apply_ops`` for the record ``seqno`` = ((OP_PUT, key, vflag, value, expiry_ms),)."""
+        if 0 < expiry_ms <= self.now_ms:
+            self._delete(key, seqno)
+        else:
+            self._put(key, vflag, value, seqno, expiry_ms)
+
+    def delete(self, seqno: int, key: bytes) -> int:
+        """``apply_ops`` for the record ``seqno`` = ((OP_DELETE, key, 0, b"", 0),)."""
+        return 1 if self._delete(key, seqno) else 0
 
 
 class DictTable:
