@@ -67,7 +67,7 @@ class Applier:
     random records both ways and compares.
     """
 
-    __slots__ = ("table", "now_ms", "_put", "_delete")
+    __slots__ = ("_delete", "_put", "now_ms", "table")
 
     def __init__(self, table: Table, now_ms: int) -> None:
         self.table = table
