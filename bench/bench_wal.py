@@ -14,7 +14,7 @@ Measures, in order:
 3. group commit with ``--fsync always``: one append() of 1, 8 or 64 records,
    each followed by its fdatasync; records/s and per-append latency.
 4. replay: 1,000,000 records of 10-byte keys and 100-byte values written with
-   ``never``, then open_log() into a DictTable through apply_ops (the daemon's
+   ``never``, then open_log() into a DictTable through an Applier (the daemon's
    apply path), in a fresh process per run so each replay pays for its own
    memory; also the log part alone (apply_fn that does nothing). Median and
    best of ``--replays`` runs.
@@ -46,12 +46,12 @@ import common
 REPLAY_CHILD = r"""
 import gc, json, sys, time
 from pathlib import Path
-from walcache.daemon.apply import DictTable, apply_ops
+from walcache.daemon.apply import Applier, DictTable
 from walcache.daemon.recovery import open_log
 d, mode = Path(sys.argv[1]), sys.argv[2]
 table = DictTable()
 now = int(time.time() * 1000)
-fn = (lambda s, ops: apply_ops(table, s, ops, now)) if mode == "dict" else (lambda s, ops: None)
+fn = Applier(table, now) if mode == "dict" else (lambda s, ops: None)
 t0 = time.perf_counter()
 writer, report = open_log(d, fn, policy="never")
 dt = time.perf_counter() - t0

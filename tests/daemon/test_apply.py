@@ -22,17 +22,24 @@ class CountingApplier(Applier):
     def __init__(self, table: DictTable, now_ms: int) -> None:
         super().__init__(table, now_ms)
         self.calls = {"put": 0, "delete": 0, "ops": 0}
+        self._inside = False  # __call__ applies its ops through put/delete: count the record once
 
     def __call__(self, seqno: int, ops: Sequence[Op]) -> int:
         self.calls["ops"] += 1
-        return super().__call__(seqno, ops)
+        self._inside = True
+        try:
+            return super().__call__(seqno, ops)
+        finally:
+            self._inside = False
 
     def put(self, seqno: int, key: bytes, vflag: int, value: bytes, expiry_ms: int) -> None:
-        self.calls["put"] += 1
+        if not self._inside:
+            self.calls["put"] += 1
         super().put(seqno, key, vflag, value, expiry_ms)
 
     def delete(self, seqno: int, key: bytes) -> int:
-        self.calls["delete"] += 1
+        if not self._inside:
+            self.calls["delete"] += 1
         return super().delete(seqno, key)
 
 

@@ -77,7 +77,7 @@ from ..paths import ensure_private_dir, shm_namespace
 from ..protocol import PROTOCOL_VERSION, BadRequest, Request, ServerProtocol
 from ..shm.writer import ShmTable
 from . import notify
-from .apply import OP_DELETE, OP_PUT, DictTable, apply_ops
+from .apply import OP_DELETE, OP_PUT, Applier, DictTable, apply_ops
 from .compaction import EXIT_BUSY, EXIT_ORPHANED, compactor_command
 from .fileops import FileOps
 from .lock import DataDirLock
@@ -206,6 +206,7 @@ class _Flusher(threading.Thread):
 
 COMPACT_REPLY_WAIT_S = 3.0  # below the client's default 5 s timeout
 COMPACT_BACKOFF_FIRST_S = 5.0
+COMPACT_IDLE_GRACE_S = 10.0  # then a compactor still waiting for idle CPU gets nice 19
 COMPACT_BACKOFF_MAX_S = 600.0
 
 
@@ -226,6 +227,7 @@ class _Compaction:
     waiters: list[tuple[_Conn, int]] = field(default_factory=list)  # parked `compact` requests
     reply_deadline: float = float("inf")
     exit_wait_until: float = 0.0
+    promoted: bool = False  # lifted out of SCHED_IDLE after waiting too long for idle CPU
 
 
 class Daemon:
@@ -284,7 +286,7 @@ class Daemon:
         now = _now_ms()
         self.writer, report = open_log(
             self.data_dir,
-            lambda seqno, ops: apply_ops(staging, seqno, ops, now),
+            Applier(staging, now),
             fileops=self.fileops,
             policy=cfg.fsync,
             interval_ms=cfg.fsync_interval_ms,
@@ -917,10 +919,31 @@ class Daemon:
         if c.phase == "exiting":
             self._reap_compactor(c)
             return
+        if c.phase == "running" and not c.promoted and time.monotonic() - c.t0 > COMPACT_IDLE_GRACE_S:
+            self._promote_compactor(c)
         if c.waiters and time.monotonic() >= c.reply_deadline:
             waiters, c.waiters = c.waiters, []
             c.reply_deadline = float("inf")
             self._answer_waiters(waiters, ServerProtocol.reply, self._compaction_status("running"))
+
+    def _promote_compactor(self, c: _Compaction) -> None:
+        """Give a starved compactor a (small) share of CPU: nice 19 instead of SCHED_IDLE.
+
+        SCHED_IDLE keeps compaction off the put latency, but on a machine that other
+        work keeps 100 % busy it would never run, and the log would grow without bound.
+        """
+        c.promoted = True
+        if c.proc is None or not hasattr(os, "sched_setscheduler"):
+            return
+        try:
+            os.sched_setscheduler(c.proc.pid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError as exc:
+            log.warning("compaction: could not lift compactor pid %d out of SCHED_IDLE: %s", c.proc.pid, exc)
+            return
+        log.info(
+            "compaction: still running after %.0f s on idle CPU only; compactor pid %d now runs at nice 19",
+            COMPACT_IDLE_GRACE_S, c.proc.pid,
+        )  # fmt: skip
 
     def _spawn_compactor(self, c: _Compaction) -> None:
         cmd = compactor_command(self.data_dir, self.namespace, c.seal_seqno, c.next_segno)
