@@ -114,7 +114,6 @@ file is never deleted; its absence proves no compactor ever got "go".
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import os
@@ -148,6 +147,7 @@ from .walformat import (
     snapshot_name,
 )
 from .walreader import list_segments
+from .lock import PidLockFile
 
 __all__ = [
     "STEPS",
@@ -314,51 +314,11 @@ def _size(path: Path) -> int:
 # --------------------------------------------------------------------- the lock
 
 
-class CompactLock:
+class CompactLock(PidLockFile):
     """COMPACT.lock: an exclusive flock held by the one running compaction (module doc)."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.path = Path(data_dir) / COMPACT_LOCK_NAME
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def try_acquire(self) -> bool:
-        """Take the lock now or return False (it is held by a compactor)."""
-        if self._fd is not None:
-            return True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return True
-
-    def holder(self) -> int | None:
-        """The pid the holder wrote (for messages), None if unknown."""
-        try:
-            raw = self.path.read_bytes()
-            return int(raw.decode().strip())
-        except (OSError, ValueError):
-            return None
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            os.ftruncate(fd, 0)
-        finally:
-            os.close(fd)
+        super().__init__(Path(data_dir) / COMPACT_LOCK_NAME)
 
 
 def wait_for_compactor(data_dir: Path, timeout: float = 30.0) -> None:
