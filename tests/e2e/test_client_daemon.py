@@ -202,3 +202,46 @@ def test_stats_report_group_commit_and_reader(ws: Workspace) -> None:
     assert s["pid"] == d.pid and s["keys"] == 20 and s["fsync"] == "always"
     assert s["records"] >= 20 and s["batches"] >= 1 and s["commit_p50_us"] > 0
     assert s["reader"] in ("c", "python", "daemon")
+
+
+def test_a_ttl_the_table_cannot_hold_is_refused_and_the_daemon_lives_on(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    with d.client() as c:
+        with pytest.raises(walcache.InvalidValue, match="ttl"):
+            c.put("k", 1, ttl=1e15)  # ~30 million years
+        c.put("k", 2, ttl=3600)
+    from tests_raw import raw_put_with_ttl_ms
+
+    assert raw_put_with_ttl_ms(str(d.socket_path), 2**64 - 1) == "invalid_value"
+    d.kill()
+    d.start()  # nothing unloadable reached the log
+    with d.client() as c:
+        assert c.get("k") == 2
+
+
+def test_a_child_forked_while_the_parent_holds_the_client_lock_does_not_deadlock(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    c = d.client()
+    c.put("k", 0)
+    with c._lock:  # as if another parent thread were inside a request at fork time
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                c.put("k", os.getpid())
+                code = 0
+            finally:
+                os._exit(code)
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child deadlocked on the inherited client lock")
+        time.sleep(0.02)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert c.get("k") == pid
+    c.close()

@@ -27,7 +27,6 @@ from typing import Any
 from ..codec import Key, decode_key, decode_value, encode_key, encode_value
 from ..errors import (
     DaemonUnavailable,
-    DataDirLocked,
     InvalidValue,
     ProtocolError,
     ReadContention,
@@ -136,6 +135,11 @@ class Client(MutableMapping[Key, Any]):
         assert sock is not None
         try:
             sock.sendall(frame)
+        except OSError as exc:
+            # Nothing reached a live daemon (a dead one processes nothing): safe to resend.
+            self._drop_socket()
+            raise _NotSent(f"lost the daemon on {self.socket_path}: {exc}") from None
+        try:
             while True:
                 reply = self._proto.next_reply()
                 if reply is not None:
@@ -151,7 +155,10 @@ class Client(MutableMapping[Key, Any]):
             ) from None
         except OSError as exc:
             self._drop_socket()
-            raise DaemonUnavailable(f"lost the daemon on {self.socket_path}: {exc}") from None
+            raise DaemonUnavailable(
+                f"lost the daemon on {self.socket_path} after sending the request ({exc}): "
+                "a write may or may not have been applied"
+            ) from None
         if reply.req_id != req_id:
             self._drop_socket()
             raise ProtocolError(f"reply for request {reply.req_id}, expected {req_id}")
@@ -163,23 +170,30 @@ class Client(MutableMapping[Key, Any]):
         """One request; reconnects once if the daemon restarted since the last call."""
         if self._closed:
             raise WalcacheError("this Client is closed")
+        if self._pid != os.getpid():
+            # Forked: the parent's socket must not be used (its replies would
+            # interleave) and its lock may have been held by a parent thread at the
+            # fork; the mapping is fine to share.
+            self._lock = threading.Lock()
+            self._sock = None
+            self._pid = os.getpid()
         with self._lock:
-            if self._pid != os.getpid():
-                # Forked: the parent's socket must not be used (its replies would
-                # interleave); the mapping is fine to share.
-                self._sock = None
-                self._pid = os.getpid()
             fresh = False
             if self._sock is None:
                 self._connect()
                 fresh = True
             try:
                 return self._roundtrip(*self._proto.request(op, *args))
-            except DaemonUnavailable:
-                if fresh or op not in _IDEMPOTENT:
+            except _NotSent:
+                if fresh:
                     raise
-            # The connection died: a restarted daemon may be there now. Every
-            # mutation is idempotent (blind puts and deletes), so one retry is safe.
+            except DaemonUnavailable:
+                # The request went out: a mutation may have been applied, so only
+                # reads are resent (resending a put could undo another client's).
+                if fresh or op not in _READS:
+                    raise
+            # The connection was dead (the daemon restarted since the last call):
+            # a restarted daemon may be there now.
             self._connect()
             return self._roundtrip(*self._proto.request(op, *args))
 
@@ -334,8 +348,12 @@ def _closed_get(key: Key, default: Any) -> Any:
     raise WalcacheError("this Client is closed")
 
 
-# Mutations are blind after-images: resending one after a lost reply is harmless.
-_IDEMPOTENT = frozenset(("put", "delete", "put_many", "delete_many", "get", "stats", "ping"))
+# Requests that change nothing: resending one after a lost reply is harmless.
+_READS = frozenset(("get", "stats", "ping"))
+
+
+class _NotSent(DaemonUnavailable):
+    """The request could not be sent: the daemon cannot have acted on it."""
 
 
 def _embedded_socket_path(data_dir: Path) -> Path:
@@ -398,12 +416,11 @@ def connect(
 
 
 def _lock_held(data_dir: Path) -> bool:
+    """Whether a live process holds the data dir (read from the lock file, never by
+    taking the lock: that could make a daemon starting right then fail)."""
+    import psutil
+
     from ..daemon.lock import DataDirLock
 
-    lock = DataDirLock(data_dir)
-    try:
-        lock.acquire()
-    except DataDirLocked:
-        return True
-    lock.release()
-    return False
+    pid = DataDirLock(data_dir).holder()
+    return pid is not None and psutil.pid_exists(pid)

@@ -137,6 +137,9 @@ class _Item:
         self.result: Any = None  # read: a callable; error: the exception
 
 
+# The shared table keeps expiry in 56 bits of ms; a TTL of 1000 years stays far below.
+MAX_TTL_MS = 1000 * 365 * 24 * 3600 * 1000
+
 # Commit and fsync latencies reported by stats() are over the most recent
 # samples: enough for a stable p99, cheap enough to sort on every stats call.
 LATENCY_SAMPLES = 10_000
@@ -255,6 +258,7 @@ class Daemon:
         self.batches = 0
         self.batched_records = 0
         self.reload_requested = False
+        self.stop_requested = 0  # the signal number once SIGTERM/SIGINT arrived
         self.listener: socket.socket | None = None
         self._socket_ino: tuple[int, int] | None = None
         # Compaction (see the module doc).
@@ -380,13 +384,23 @@ class Daemon:
                     self._on_compactor_output()
                 else:
                     conn: _Conn = tag
-                    if mask & selectors.EVENT_READ:
-                        self._read(conn)
-                    if mask & selectors.EVENT_WRITE and conn.sock.fileno() >= 0:
-                        self._write(conn)
+                    try:
+                        if mask & selectors.EVENT_READ:
+                            self._read(conn)
+                        if mask & selectors.EVENT_WRITE and conn.sock.fileno() >= 0:
+                            self._write(conn)
+                    except Exception:  # noqa: BLE001 - one connection never stops the daemon
+                        log.exception("closing %s after an unexpected error", conn.name)
+                        self._close(conn)
             # Once per round, after every ready socket was read: what arrived
             # from all connections meanwhile is one batch.
             self._dispatch()
+            if self.stop_requested and not self.stopping:
+                log.info(
+                    "received %s: finishing in-flight writes",
+                    signal.Signals(self.stop_requested).name,
+                )
+                self._begin_stop()
             if self.reload_requested:
                 self.reload_requested = False
                 self._reload()
@@ -404,9 +418,9 @@ class Daemon:
         return self._shutdown()
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        if not self.stopping:
-            log.info("received %s: finishing in-flight writes", signal.Signals(signum).name)
-            self._begin_stop()
+        # Only a flag: the handler runs between any two bytecodes of the loop, which
+        # must not find its listener closed under it; the loop stops at its next round.
+        self.stop_requested = signum
 
     def _on_hup(self, signum: int, frame: Any) -> None:
         self.reload_requested = True
@@ -434,7 +448,8 @@ class Daemon:
     # -------------------------------------------------------------- accepting
 
     def _accept(self) -> None:
-        assert self.listener is not None
+        if self.listener is None:
+            return
         while True:
             try:
                 sock, _ = self.listener.accept()
@@ -525,7 +540,14 @@ class Daemon:
             item = _Item(conn, req_id, "write", op)
             item.ops = ops
             item.footprint = footprint
-            item.seqno, item.record = self.writer.encode(ops)
+            try:
+                item.seqno, item.record = self.writer.encode(ops)
+            except LogFailed as exc:
+                self._answer_now_or_queue(conn, req_id, exc)  # the flusher's failure is on its way
+                return
+            except ValueError as exc:  # a field the log format cannot hold
+                self._answer_now_or_queue(conn, req_id, InvalidValue(f"cannot log this write: {exc}"))
+                return
             self.pending_footprint += footprint
             self._enqueue(item)
             return
@@ -571,8 +593,11 @@ class Daemon:
             else:
                 entries = [tuple(e) for e in args[0]]
                 ttl_ms = args[1]
-            if ttl_ms is not None and ttl_ms <= 0:
-                raise InvalidValue("ttl must be a positive number of seconds")
+            if ttl_ms is not None and not 0 < ttl_ms <= MAX_TTL_MS:
+                raise InvalidValue(
+                    f"ttl must be a positive number of seconds up to {MAX_TTL_MS // 1000}, "
+                    f"not {ttl_ms / 1000}"
+                )
             expiry = _now_ms() + ttl_ms if ttl_ms else 0
             ops = []
             need = 0
@@ -736,10 +761,13 @@ class Daemon:
         Used when the log fails (never retried: the pages may be gone) and when a
         logged batch cannot be applied; the next start recovers from the log.
         """
-        if isinstance(err, WalcacheError):
-            failure: WalcacheError = err
-        else:
-            failure = LogFailed(f"{what} failed: {type(err).__name__}: {err}")
+        # The client is told the outcome is unknown: a record whose write went
+        # through but whose fdatasync failed, or one that failed to apply, is in
+        # the log and comes back when the next start replays it.
+        failure = LogFailed(
+            f"{what} failed ({type(err).__name__}: {err}); the daemon stops: this write "
+            "may or may not be applied after the restart"
+        )
         log.critical(
             "%s failed: %s; no more writes are acknowledged, exiting so the next start "
             "recovers from the log",
