@@ -412,6 +412,31 @@ def _check_start(data_dir: Path, scan: LogScan, manifest: Manifest | None) -> Pr
     return None
 
 
+def _replay(
+    data_dir: Path, apply_fn: Callable[[int, Sequence[Op]], object], fo: FileOps
+) -> tuple[Manifest | None, SnapshotLoad | None, LogScan, Verdict, bool]:
+    """Everything recovery and check-log read, in order: MANIFEST, snapshot, segments.
+
+    Returns (manifest, snapshot load, scan, verdict, classified): ``classified``
+    is False when the MANIFEST, the snapshot or the start of the log was refused
+    before the segments could be judged (the verdict is then "corrupt").
+    """
+    manifest, problem = _manifest_or_problem(data_dir, fo)
+    snapshot: SnapshotLoad | None = None
+    scan = LogScan()
+    with _gc_paused():
+        if manifest is not None:
+            snapshot, problem = load_snapshot(data_dir, manifest, apply_fn, fo)
+        if problem is None:
+            scan = read_log(data_dir, apply_fn, fileops=fo,
+                            first_segno=manifest.next_segno if manifest is not None else None)
+            problem = _check_start(data_dir, scan, manifest)
+    if problem is None:
+        return manifest, snapshot, scan, classify(scan, fo), True
+    verdict = Verdict("corrupt", problem, "what the MANIFEST names is durable before it is named")
+    return manifest, snapshot, scan, verdict, False
+
+
 def _manifest_or_problem(data_dir: Path, fo: FileOps) -> tuple[Manifest | None, Problem | None]:
     try:
         return read_manifest(data_dir, fo), None
@@ -450,18 +475,7 @@ def open_log(
     report = RecoveryReport()
 
     wait_for_compactor(data_dir, compactor_wait)
-    manifest, problem = _manifest_or_problem(data_dir, fo)
-    with _gc_paused():
-        if manifest is not None:
-            report.snapshot, problem = load_snapshot(data_dir, manifest, apply_fn, fo)
-        if problem is None:
-            scan = read_log(data_dir, apply_fn, fileops=fo,
-                            first_segno=manifest.next_segno if manifest is not None else None)
-            problem = _check_start(data_dir, scan, manifest)
-    if problem is None:
-        verdict = classify(scan, fo)
-    else:
-        verdict = Verdict("corrupt", problem, "what the MANIFEST names is durable before it is named")
+    manifest, report.snapshot, scan, verdict, _ = _replay(data_dir, apply_fn, fo)
     if verdict.kind == "corrupt":
         err = _corrupt_error(data_dir, verdict)
         log.error("%s", err)
@@ -658,21 +672,10 @@ def check_log(data_dir: Path, *, repair: bool = False, fileops: FileOps | None =
                                   if n.endswith(".log.tmp") and parse_segment_name(n[:-4]) is not None)
         table = DictTable()
         apply_fn = Applier(table, int(time.time() * 1000))
-        manifest, problem = _manifest_or_problem(data_dir, fo)
+        manifest, report.snapshot, scan, verdict, classified = _replay(data_dir, apply_fn, fo)
         report.manifest = manifest
-        scan = LogScan()
-        with _gc_paused():
-            if manifest is not None:
-                report.snapshot, problem = load_snapshot(data_dir, manifest, apply_fn, fo)
-            if problem is None:
-                scan = read_log(data_dir, apply_fn, fileops=fo,
-                                first_segno=manifest.next_segno if manifest is not None else None)
-                problem = _check_start(data_dir, scan, manifest)
-        if problem is None:
-            verdict = classify(scan, fo)
+        if classified:
             report.leftovers = leftovers(data_dir, manifest, fo)
-        else:
-            verdict = Verdict("corrupt", problem, "what the MANIFEST names is durable before it is named")
         report.verdict = verdict.kind
         report.records = scan.records
         report.first_seqno = scan.first_seqno
