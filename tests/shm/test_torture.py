@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -161,7 +161,16 @@ def procs() -> Iterator[list[BaseProcess]]:
         p.join(10)
 
 
-def _torture(namespace: str, procs: list[BaseProcess], seconds: float, unsafe: bool, seed: int) -> Run:
+def _torture(
+    namespace: str,
+    procs: list[BaseProcess],
+    seconds: float,
+    unsafe: bool,
+    seed: int,
+    reader: Callable[..., None] | None = None,
+) -> Run:
+    """One writer and two reader processes (``reader``: the process body, default the Python reader)."""
+    reader = reader or _reader
     ready, stop = _ctx.Event(), _ctx.Event()
     bad_count = _ctx.Value("q", 0)
     wave = _ctx.Value("q", 0)
@@ -172,7 +181,7 @@ def _torture(namespace: str, procs: list[BaseProcess], seconds: float, unsafe: b
     w.start()
     assert ready.wait(30), f"writer did not publish ({run})"
     for k in range(2):
-        r = _ctx.Process(target=_reader, args=(namespace, seed + 1 + k, unsafe, ready, stop, wave, bad_count, out), daemon=True)
+        r = _ctx.Process(target=reader, args=(namespace, seed + 1 + k, unsafe, ready, stop, wave, bad_count, out), daemon=True)
         procs.append(r)
         r.start()
     deadline = time.monotonic() + seconds

@@ -11,9 +11,7 @@ WALCACHE_TEST_SEED=<seed>.
 from __future__ import annotations
 
 import os
-import queue
 import random
-import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -34,6 +32,7 @@ from shm.test_torture import (  # noqa: F401
     _ctx,
     _hot,
     _seed,
+    _torture,
     _writer,
     procs,
 )
@@ -117,39 +116,7 @@ def _reader_c(namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wa
 
 
 def _torture_c(namespace: str, procs: list[BaseProcess], seconds: float, unsafe: bool, seed: int) -> Run:
-    ready, stop = _ctx.Event(), _ctx.Event()
-    bad_count = _ctx.Value("q", 0)
-    wave = _ctx.Value("q", 0)
-    out: Any = _ctx.Queue()
-    run = Run(seed)
-    w = _ctx.Process(target=_writer, args=(namespace, seed, ready, stop, wave, out), daemon=True)
-    procs.append(w)
-    w.start()
-    assert ready.wait(30), f"writer did not publish ({run})"
-    for k in range(2):
-        args = (namespace, seed + 1 + k, unsafe, ready, stop, wave, bad_count, out)
-        r = _ctx.Process(target=_reader_c, args=args, daemon=True)
-        procs.append(r)
-        r.start()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        if unsafe and bad_count.value >= 3:
-            break  # the control has shown what it had to show
-        assert all(p.is_alive() for p in procs), f"a process died: {[p.exitcode for p in procs]} ({run})"
-    stop.set()
-    for _ in range(3):
-        try:
-            res = out.get(timeout=30)
-        except queue.Empty:
-            pytest.fail(f"a process did not report ({run})")
-        if res["role"] == "writer":
-            run.writer = res
-        else:
-            run.readers.append(res)
-    for p in procs:
-        p.join(30)
-    return run
+    return _torture(namespace, procs, seconds, unsafe, seed, reader=_reader_c)
 
 
 def test_c_readers_never_see_a_torn_value(namespace: str, procs: list[BaseProcess]) -> None:
