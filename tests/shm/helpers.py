@@ -49,16 +49,19 @@ def make_value(key_id: int, version: int, length: int) -> bytes:
     return data + struct.pack("<I", zlib.crc32(data))
 
 
-def check_value(key_id: int, value: bytes) -> str | None:
-    """None if ``value`` is a whole value written for ``key_id``, else what is wrong."""
+def check_value(key_id: int, value: bytes, floor: int = 0) -> str | None:
+    """None if ``value`` is a whole value written for ``key_id`` whose version is at least
+    ``floor`` (the version the writer had finished before the read began), else what is wrong."""
     if len(value) < 16:
         return f"short value ({len(value)} bytes)"
     data, crc = value[:-4], struct.unpack("<I", value[-4:])[0]
     if zlib.crc32(data) != crc:
         return "checksum mismatch (torn value)"
-    kid, _ = _VHEAD.unpack_from(value)
+    kid, version = _VHEAD.unpack_from(value)
     if kid != key_id:
         return f"value of key {kid} returned for key {key_id}"
+    if version < floor:
+        return f"stale value: version {version}, but version {floor} was published before the read"
     return None
 
 

@@ -14,7 +14,7 @@ def _word(buf: bytes, offset: int) -> int:
 
 
 def test_record_and_segment_sizes_are_pinned() -> None:
-    assert L.LAYOUT_VERSION == 1
+    assert L.LAYOUT_VERSION == 2
     assert (L.CTL_SIZE, L.HEADER_SIZE, L.SLOT_SIZE, L.REC_HEADER_SIZE) == (128, 256, 8, 32)
     assert L.CTL_STRUCT.size == L.CTL_SIZE
     assert L.HEADER_STRUCT.size == L.HEADER_SIZE

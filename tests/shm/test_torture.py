@@ -3,7 +3,8 @@ verifying every read, with growth and space reuse going on; and the same run wit
 seqlock check disabled, which must see tears (so the test can fail).
 
 Values are self-checking (key id, version, filler, CRC32 of all that): a torn copy, a
-value of another key or a missing hot key is a bad read. Seeds are printed on failure;
+value of another key, a missing hot key or a stale one (older than the version the writer
+had published before the read began, which it posts in a shared array) is a bad read. Seeds are printed on failure;
 replay with WALCACHE_TEST_SEED=<seed>.
 """
 
@@ -47,7 +48,7 @@ def _churn(g: int, j: int) -> tuple[bytes, int]:
     return b"churn-%d-%d" % (g, j), HOT + g * WAVE + j
 
 
-def _writer(namespace: str, seed: int, ready: Any, stop: Any, wave: Any, out: Any) -> None:
+def _writer(namespace: str, seed: int, ready: Any, stop: Any, wave: Any, out: Any, floors: Any) -> None:
     # Waves of fresh keys leave tombstones behind (index rebuilds) and their drifting
     # sizes leave free chunks no later put fits (data-area compaction), all run long.
     rng = random.Random(seed)
@@ -70,6 +71,7 @@ def _writer(namespace: str, seed: int, ready: Any, stop: Any, wave: Any, out: An
                 i = rng.randrange(HOT)
                 version[i] += 1
                 t.put(encode_key(_hot(i)), 1, make_value(i, version[i], rng.choice(HOT_SIZES)), seqno, 0)
+                floors[i] = version[i]  # published: no read that starts now may return older
             else:
                 key, kid = _churn(g, j)
                 if inserting:
@@ -90,7 +92,9 @@ def _writer(namespace: str, seed: int, ready: Any, stop: Any, wave: Any, out: An
     t.close()
 
 
-def _reader(namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wave: Any, bad_count: Any, out: Any) -> None:
+def _reader(
+    namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wave: Any, bad_count: Any, out: Any, floors: Any
+) -> None:
     rng = random.Random(seed)
     ready.wait(30)
     r = ShmReader(namespace, unsafe_no_seqlock=unsafe)
@@ -105,6 +109,7 @@ def _reader(namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wave
                 key = _hot(kid)
             else:
                 key, kid = _churn(max(0, g - rng.randrange(2)), rng.randrange(WAVE))
+            floor = floors[kid] if kid < HOT else 0
             try:
                 if n & 1:
                     got = r.get(encode_key(key))
@@ -124,7 +129,7 @@ def _reader(namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wave
             if value is None:
                 err = "hot key missing" if kid < HOT else None
             else:
-                err = check_value(kid, value)
+                err = check_value(kid, value, floor)
             if err:
                 bad += 1
                 with bad_count.get_lock():
@@ -174,14 +179,15 @@ def _torture(
     ready, stop = _ctx.Event(), _ctx.Event()
     bad_count = _ctx.Value("q", 0)
     wave = _ctx.Value("q", 0)
+    floors = _ctx.Array("q", HOT, lock=False)  # per hot key: the last version the writer finished
     out: Any = _ctx.Queue()
     run = Run(seed)
-    w = _ctx.Process(target=_writer, args=(namespace, seed, ready, stop, wave, out), daemon=True)
+    w = _ctx.Process(target=_writer, args=(namespace, seed, ready, stop, wave, out, floors), daemon=True)
     procs.append(w)
     w.start()
     assert ready.wait(30), f"writer did not publish ({run})"
     for k in range(2):
-        r = _ctx.Process(target=reader, args=(namespace, seed + 1 + k, unsafe, ready, stop, wave, bad_count, out), daemon=True)
+        r = _ctx.Process(target=reader, args=(namespace, seed + 1 + k, unsafe, ready, stop, wave, bad_count, out, floors), daemon=True)
         procs.append(r)
         r.start()
     deadline = time.monotonic() + seconds
@@ -238,8 +244,9 @@ def test_threads_sharing_one_reader_keep_reading_while_it_remaps(namespace: str,
     seed = _seed()
     ready, stop = _ctx.Event(), _ctx.Event()
     wave = _ctx.Value("q", 0)
+    floors = _ctx.Array("q", HOT, lock=False)  # per hot key: the last version the writer finished
     out: Any = _ctx.Queue()
-    w = _ctx.Process(target=_writer, args=(namespace, seed, ready, stop, wave, out), daemon=True)
+    w = _ctx.Process(target=_writer, args=(namespace, seed, ready, stop, wave, out, floors), daemon=True)
     procs.append(w)
     w.start()
     assert ready.wait(30), f"writer did not publish (seed={seed})"
@@ -252,6 +259,7 @@ def test_threads_sharing_one_reader_keep_reading_while_it_remaps(namespace: str,
         rng = random.Random(seed + k)
         while not done.is_set():
             kid = rng.randrange(HOT)
+            floor = floors[kid]
             try:
                 value = r.lookup(_hot(kid)) if k & 1 else r.get(encode_key(_hot(kid)))
             except ReadContention:
@@ -261,7 +269,7 @@ def test_threads_sharing_one_reader_keep_reading_while_it_remaps(namespace: str,
                 return
             if isinstance(value, tuple):
                 value = value[1]
-            err = "hot key missing" if value is None else check_value(kid, value)  # type: ignore[arg-type]
+            err = "hot key missing" if value is None else check_value(kid, value, floor)  # type: ignore[arg-type]
             if err:
                 errors.append(f"thread {k}: key {kid}: {err}")
             counts[k] += 1

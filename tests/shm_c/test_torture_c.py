@@ -53,7 +53,9 @@ def _pick(rng: random.Random, g: int) -> tuple[int, bytes]:
     return kid, key
 
 
-def _reader_c(namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wave: Any, bad_count: Any, out: Any) -> None:
+def _reader_c(
+    namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wave: Any, bad_count: Any, out: Any, floors: Any
+) -> None:
     rng = random.Random(seed)
     ready.wait(30)
     r = CReader(namespace, unsafe_no_seqlock=unsafe)
@@ -61,7 +63,7 @@ def _reader_c(namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wa
     examples: list[str] = []
     names = {r.header()["name"]}
 
-    def verify(kid: int, value: object) -> None:
+    def verify(kid: int, value: object, floor: int) -> None:
         nonlocal reads, hot_reads, churn_hits
         reads += 1
         hot_reads += kid < HOT
@@ -71,7 +73,7 @@ def _reader_c(namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wa
         elif not isinstance(value, bytes):
             err = f"a {type(value).__name__} where bytes were written"
         else:
-            err = check_value(kid, value)
+            err = check_value(kid, value, floor)
         if err:
             record_bad(f"key {kid}: {err}")
 
@@ -89,17 +91,19 @@ def _reader_c(namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wa
             try:
                 if n % 8 == 0:
                     picks = {key: kid for kid, key in (_pick(rng, g) for _ in range(BATCH))}
+                    before = {key: floors[kid] if kid < HOT else 0 for key, kid in picks.items()}
                     got = r.get_many(list(picks))
                     batched += len(picks)
                     for key, kid in picks.items():
-                        verify(kid, got.get(key))
+                        verify(kid, got.get(key), before[key])
                     continue
                 kid, key = _pick(rng, g)
+                floor = floors[kid] if kid < HOT else 0
                 if n & 1:
                     entry = r.get(b"b" + key)
-                    verify(kid, None if entry is None else entry[1] if entry[0] == 1 else repr(entry))
+                    verify(kid, None if entry is None else entry[1] if entry[0] == 1 else repr(entry), floor)
                 else:
-                    verify(kid, r.lookup(key))
+                    verify(kid, r.lookup(key), floor)
             except ReadContention:
                 contention += 1
             except TableUnavailable as exc:
@@ -111,7 +115,7 @@ def _reader_c(namespace: str, seed: int, unsafe: bool, ready: Any, stop: Any, wa
         names.add(str(r.header()["name"]))
     out.put({"role": "reader", "reads": reads, "hot_reads": hot_reads, "churn_hits": churn_hits, "bad": bad, "batched": batched,
              "contention": contention, "examples": examples, "segments_seen": len(names),
-             "retries": r.retries, "remaps": r.remaps})  # fmt: skip
+             "retries": r.retries, "remaps": r.remaps, "cache_hits": r.cache_hits})  # fmt: skip
     r.close()
 
 
@@ -124,6 +128,7 @@ def test_c_readers_never_see_a_torn_value(namespace: str, procs: list[BaseProces
     _check_clean(run)
     assert all(rd["segments_seen"] > 1 for rd in run.readers), f"a reader never remapped: {run}"
     assert all(rd["batched"] > 0 and rd["remaps"] > 0 for rd in run.readers), f"get_many or remap not exercised: {run}"
+    assert all(rd["cache_hits"] > 0 for rd in run.readers), f"the result cache was never used: {run}"
 
 
 def test_without_the_seqlock_the_c_readers_see_tears(namespace: str, procs: list[BaseProcess]) -> None:

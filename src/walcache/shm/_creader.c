@@ -48,6 +48,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -62,7 +63,7 @@
 /* Only the tests define this: a build for another layout must be refused at import. */
 #define LAYOUT_VERSION WALCACHE_TEST_LAYOUT_VERSION
 #else
-#define LAYOUT_VERSION 1
+#define LAYOUT_VERSION 2
 #endif
 #define HEADER_SIZE 256
 #define SLOT_SIZE 8
@@ -282,15 +283,174 @@ typedef struct {
     uint64_t lo, span;     /* candidate record words: lo <= w < lo + span, so Q[w..w+3] exist */
     uint64_t generation;
     int no_seqlock;        /* test only: skip R5/R6, to prove the torture test catches tears */
+    int use_cache;         /* the result cache below (on by default; tests and bench switch it) */
+    struct cache_entry *cache; /* CACHE_SETS * CACHE_WAYS entries, allocated on first store */
+    uint64_t epoch;        /* +1 at every install/detach: a result decoded under an older
+                            * mapping must not be stored for the new one */
     unsigned long long retries;   /* failed validations */
     unsigned long long remaps;    /* _remap calls */
     unsigned long long contended; /* _contended calls */
+    unsigned long long cache_hits; /* lookups answered from the result cache */
 } Reader;
+
+/* ---- the result cache ----
+ *
+ * A hot key's get costs more in finding and building its result (the key hash, the
+ * probe, a new bytes or str object, or a msgpack call) than in the memory it reads. So
+ * each reader keeps, per hot key, where its record is and the object decoded from it:
+ * an entry (encoded key, w, s, value) says "this key's live record is at word w, whose
+ * seq was s when value was decoded from it". While the record still reads seq s, the
+ * entry is right, because the writer changes a chunk's seq whenever its meaning changes
+ * (layout.py): rewriting it in place (W1/W3), and freeing it when the key moves to
+ * another chunk or is deleted (W5: s + 2, after the slot no longer points to it); and a
+ * seq never repeats within a segment. A stale segment (growth, compaction, a new daemon)
+ * is never written again, so the header's stale flag is checked too: then the full
+ * protocol runs, meets MOVED and remaps, and a remap empties the cache.
+ *
+ * A hit reads the header's stale flag (one line shared by all gets), the record's seq
+ * and expiry (one line), the entry (one line) and the value's refcount: no hash of the
+ * key beyond Python's own (cached in str and bytes objects), no probe, no copy. The seq
+ * is read before and after the expiry (the seqlock, as in R3..R5); an expired entry is
+ * left to the full protocol.
+ *
+ * An entry is only stored from a read that proved the record live: after R5, the slot
+ * that led to it still held the same word (read after the seq, so a chunk freed and
+ * bumped before our R3 is never taken for the key's current record). Only immutable
+ * results are kept (bytes, str, int, float, bool, None): a list or dict would be shared
+ * between callers. The cache belongs to one mapping: emptied at every install and detach
+ * (an epoch guards a decode during which another thread remapped). Its size bounds what
+ * it pins: CACHE_SETS * CACHE_WAYS values of at most CACHE_MAX_VALUE bytes, about
+ * 4.3 MiB per reader, and 256 KiB of entries. */
+#define CACHE_SETS 2048 /* a power of two */
+#define CACHE_SET_BITS 11
+#define CACHE_WAYS 2    /* way 0 is the most recently used */
+#define CACHE_MAX_VALUE 1024
+#define CACHE_MAX_KEY 38 /* encoded key bytes an entry holds: the entry is one 64-byte line */
+
+struct cache_entry {
+    uint64_t w;      /* record word; 0 = empty (no record starts at word 0) */
+    uint64_t seq;    /* its even seq when the value was decoded */
+    PyObject *value; /* owned */
+    uint16_t klen;   /* encoded key length */
+    uint8_t key[CACHE_MAX_KEY];
+};
+
+static inline struct cache_entry *
+cache_set(Reader *r, Py_hash_t ph)
+{
+    return &r->cache[(((uint64_t)ph * UINT64_C(0x9E3779B97F4A7C15)) >> (64 - CACHE_SET_BITS)) * CACHE_WAYS];
+}
+
+/* Python's hash of a key whose type the cache serves (cached in str and bytes objects),
+ * or -1: no cache for this key. */
+static inline Py_hash_t
+cache_hash(Reader *r, PyObject *key, Py_ssize_t klen)
+{
+    if (!r->use_cache || r->no_seqlock || klen > CACHE_MAX_KEY)
+        return -1;
+    PyTypeObject *t = Py_TYPE(key);
+    if (t != &PyUnicode_Type && t != &PyBytes_Type && t != &PyLong_Type)
+        return -1;
+    Py_hash_t ph = PyObject_Hash(key); /* never fails for these types */
+    if (ph == -1)
+        PyErr_Clear();
+    return ph;
+}
+
+/* A new reference to the current value of the encoded key kb, or NULL: not cached, or the
+ * entry is no longer the key's live record (the caller runs the full protocol). */
+static inline PyObject *
+cache_get(Reader *r, Py_hash_t ph, const uint8_t *kb, Py_ssize_t klen)
+{
+    if (r->cache == NULL || ph == -1 || UNLIKELY(!r->attached))
+        return NULL;
+    struct cache_entry *e = cache_set(r, ph);
+    int way;
+    if (e[0].klen == klen && memcmp(e[0].key, kb, (size_t)klen) == 0)
+        way = 0;
+    else if (e[1].klen == klen && memcmp(e[1].key, kb, (size_t)klen) == 0)
+        way = 1;
+    else
+        return NULL;
+    const aword *Q = r->Q;
+    const uint64_t w = e[way].w; /* bounds-checked by the read that stored it, in this mapping */
+    if (load_acquire(&Q[H_STALE]) != 0)
+        return NULL;
+    uint64_t s1 = load_acquire(&Q[w + R_SEQ]);
+    if (s1 != e[way].seq)
+        return NULL;
+    uint64_t xv = load_relaxed(&Q[w + R_EXPIRY_VFLAG]);
+    atomic_thread_fence(memory_order_acquire);
+    if (load_relaxed(&Q[w + R_SEQ]) != s1)
+        return NULL;
+    uint64_t expiry = xv >> 8;
+    if (expiry != 0 && expiry <= now_ms())
+        return NULL;
+    if (way == 1) {
+        struct cache_entry t = e[0];
+        e[0] = e[1];
+        e[1] = t;
+    }
+    r->cache_hits++;
+    return Py_NewRef(e[0].value);
+}
+
+static int
+cacheable(PyObject *v, uint64_t vlen)
+{
+    if (vlen > CACHE_MAX_VALUE)
+        return 0;
+    PyTypeObject *t = Py_TYPE(v);
+    return t == &PyBytes_Type || t == &PyUnicode_Type || t == &PyLong_Type || t == &PyFloat_Type ||
+           t == &PyBool_Type || v == Py_None;
+}
+
+/* Remember v as the value of kb, read from record w at seq under r->epoch == epoch.
+ * Dropping an evicted entry frees only immutable built-ins: no Python code runs here. */
+static void
+cache_store(Reader *r, uint64_t epoch, Py_hash_t ph, const uint8_t *kb, Py_ssize_t klen, uint64_t w,
+            uint64_t seq, PyObject *v, uint64_t vlen)
+{
+    if (ph == -1 || epoch != r->epoch || !r->attached || !cacheable(v, vlen))
+        return;
+    if (r->cache == NULL) {
+        size_t n = CACHE_SETS * CACHE_WAYS * sizeof(struct cache_entry);
+        r->cache = aligned_alloc(64, n);
+        if (r->cache == NULL)
+            return; /* a cache is an optimisation: no memory for it, no cache */
+        memset(r->cache, 0, n);
+    }
+    struct cache_entry *e = cache_set(r, ph);
+    int way = e[0].klen == klen && memcmp(e[0].key, kb, (size_t)klen) == 0 ? 0 : 1;
+    PyObject *old = e[way].value;
+    if (way == 1) /* a new key: it takes way 0, the old way 0 becomes way 1, way 1 goes */
+        e[1] = e[0];
+    e[0].w = w;
+    e[0].seq = seq;
+    e[0].value = Py_NewRef(v);
+    e[0].klen = (uint16_t)klen;
+    memcpy(e[0].key, kb, (size_t)klen);
+    Py_XDECREF(old);
+}
+
+static void
+cache_clear(Reader *r)
+{
+    r->epoch++;
+    if (r->cache == NULL)
+        return;
+    struct cache_entry *c = r->cache;
+    r->cache = NULL;
+    for (size_t i = 0; i < CACHE_SETS * CACHE_WAYS; i++)
+        Py_XDECREF(c[i].value);
+    free(c);
+}
 
 static void
 reader_detach(Reader *r)
 {
     int was = r->attached;
+    cache_clear(r);
     r->attached = ATTACHED_NONE;
     r->base = NULL;
     r->Q = NULL;
@@ -307,6 +467,7 @@ reader_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (r == NULL)
         return NULL;
     r->attached = 0;
+    r->use_cache = 1;
     return (PyObject *)r;
 }
 
@@ -394,6 +555,7 @@ check_geometry(const uint8_t *base, uint64_t len, geometry *g)
 static void
 install(Reader *r, const uint8_t *base, const geometry *g)
 {
+    cache_clear(r);
     r->base = base;
     r->Q = (const aword *)base;
     r->seg_bytes = g->seg_bytes;
@@ -582,6 +744,8 @@ typedef struct {
     uint64_t seqno;
     uint64_t expiry_ms;
     PyObject *bytes;          /* owned: the value copied straight into a bytes object */
+    uint64_t w, seq;          /* on FOUND: the record and its validated seq */
+    int live;                 /* on FOUND: the slot still named w after the read (cacheable) */
     uint8_t *buf;             /* str values: copied here, decoded after validation */
     uint8_t *heap;
     size_t heap_cap;
@@ -799,6 +963,11 @@ restart:;
                 return MISSING;
             o->vflag = (uint8_t)(xv & 0xFF);
             o->vlen = rv;
+            o->w = w;
+            o->seq = s1;
+            /* After the fence and R5, so after R3: a chunk that was freed (and bumped)
+             * before we read its seq no longer has this slot naming it. */
+            o->live = check && load_relaxed(slot) == x;
             o->seqno = seqno;
             o->expiry_ms = expiry;
             return FOUND;
@@ -895,17 +1064,26 @@ reader_lookup(Reader *r, PyObject *const *args, Py_ssize_t nargs)
     keybuf k;
     if (encode_user_key(args[0], &k) < 0)
         return NULL;
+    Py_hash_t ph = cache_hash(r, args[0], k.n);
+    PyObject *res = cache_get(r, ph, k.p, k.n);
+    if (res != NULL) {
+        keybuf_free(&k);
+        return res;
+    }
     copy_out o;
     copy_init(&o, WANT_VALUE);
     int rc = find(r, k.p, k.n, xxh64(k.p, (size_t)k.n, 0), &o);
-    keybuf_free(&k);
-    PyObject *res;
-    if (rc == FOUND)
+    if (rc == FOUND) {
+        uint64_t epoch = r->epoch; /* msgpack may run Python code, and with it a remap */
         res = decode_value(&o);
+        if (res != NULL && o.live)
+            cache_store(r, epoch, ph, k.p, k.n, o.w, o.seq, res, o.vlen);
+    }
     else if (rc == MISSING)
         res = Py_NewRef(dflt);
     else
         res = NULL;
+    keybuf_free(&k);
     copy_free(&o);
     return res;
 }
@@ -988,20 +1166,37 @@ reader_get_many(Reader *r, PyObject *keys)
         return NULL;
     Py_ssize_t total = PyTuple_GET_SIZE(seq);
     PyObject **items = &PyTuple_GET_ITEM(seq, 0);
-    PyObject *out = PyDict_New();
+    /* Sized for every key up front: growing a dict key by key costs more than the reads. */
+    PyObject *out = _PyDict_NewPresized(total);
     keybuf k[BATCH];
     uint64_t hs[BATCH];
+    Py_hash_t ph[BATCH];
+    int todo[BATCH]; /* the keys of the group the result cache did not answer */
     int nk = 0;
     if (out == NULL)
         goto fail;
     for (Py_ssize_t start = 0; start < total; start += BATCH) {
         nk = (int)(total - start < BATCH ? total - start : BATCH);
+        int nt = 0;
         for (int j = 0; j < nk; j++) {
             if (encode_user_key(items[start + j], &k[j]) < 0) {
                 nk = j;
                 goto fail;
             }
+            ph[j] = cache_hash(r, items[start + j], k[j].n);
+            PyObject *v = cache_get(r, ph[j], k[j].p, k[j].n);
+            if (v != NULL) {
+                /* Inserting runs no Python code: the keys are str, bytes or int. */
+                int bad = PyDict_SetItem(out, items[start + j], v) < 0;
+                Py_DECREF(v);
+                if (bad) {
+                    nk = j + 1;
+                    goto fail;
+                }
+                continue;
+            }
             hs[j] = xxh64(k[j].p, (size_t)k[j].n, 0);
+            todo[nt++] = j;
         }
         if (!r->attached) {
             PyErr_SetString(TableUnavailable, "the reader was closed");
@@ -1009,9 +1204,10 @@ reader_get_many(Reader *r, PyObject *keys)
         }
         const aword *Q = r->Q;
         const uint64_t mask = r->mask, slot0 = r->slot0, lo = r->lo, span = r->span;
-        for (int j = 0; j < nk; j++)
-            PREFETCH(&Q[slot0 + (hs[j] & mask)]);
-        for (int j = 0; j < nk; j++) {
+        for (int t = 0; t < nt; t++)
+            PREFETCH(&Q[slot0 + (hs[todo[t]] & mask)]);
+        for (int t = 0; t < nt; t++) {
+            int j = todo[t];
             uint64_t w = load_relaxed(&Q[slot0 + (hs[j] & mask)]) - (hs[j] & FP_MASK);
             if (w - lo < span) {
                 PREFETCH(&Q[w]);
@@ -1019,12 +1215,16 @@ reader_get_many(Reader *r, PyObject *keys)
                 PREFETCH(&Q[w] + 16);
             }
         }
-        for (int j = 0; j < nk; j++) {
+        for (int t = 0; t < nt; t++) {
+            int j = todo[t];
             copy_out o;
             copy_init(&o, WANT_VALUE);
             int rc = find(r, k[j].p, k[j].n, hs[j], &o);
             if (rc == FOUND) {
+                uint64_t epoch = r->epoch; /* msgpack may run Python code, and a remap */
                 PyObject *v = decode_value(&o);
+                if (v != NULL && o.live)
+                    cache_store(r, epoch, ph[j], k[j].p, k[j].n, o.w, o.seq, v, o.vlen);
                 int bad = v == NULL || PyDict_SetItem(out, items[start + j], v) < 0;
                 Py_XDECREF(v);
                 if (bad)
@@ -1243,6 +1443,10 @@ static PyMemberDef reader_members[] = {
     {"retries", T_ULONGLONG, offsetof(Reader, retries), READONLY, "failed seqlock validations"},
     {"remaps", T_ULONGLONG, offsetof(Reader, remaps), READONLY, "remaps asked of the Python side"},
     {"contended", T_ULONGLONG, offsetof(Reader, contended), READONLY, "reads that hit the retry bounds"},
+    {"cache_hits", T_ULONGLONG, offsetof(Reader, cache_hits), READONLY,
+     "lookups answered from the result cache (no copy, no decode)"},
+    {"_use_cache", T_INT, offsetof(Reader, use_cache), 0,
+     "whether lookup and get_many keep immutable results per record version (default 1)"},
     {NULL},
 };
 

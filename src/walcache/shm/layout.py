@@ -134,12 +134,20 @@ Writer, insert or overwrite with another chunk size (out of place, chunk ``c``):
   W2. write lens, expiry_vflag, seqno, key, value into chunk c
   W3. store the slot word ``S[i] = (H >> 32) << 32 | c`` (one aligned 8-byte store)
   W4. ``Q[c] = s + 2`` (even)
-  W5. put the old chunk (if any) on its free list (private memory; no shared write)
+  W5. if there was an old chunk o: ``Q[o] += 2`` (even to even: its content is no longer
+      the key's current record), then put it on its free list
   The slot is stored while c is still odd, so a reader can only ever find an even
   record of key K at c after the slot pointed to it: a consistent copy is a version
   that was published.
 
-Writer, delete: ``S[i] = TOMBSTONE``, then free the chunk.
+Writer, delete: ``S[i] = TOMBSTONE``, then free the chunk (``Q[w] += 2``, as W5).
+
+So within a segment a record's (w, seq) changes whenever what it means changes: it is
+rewritten (W1/W3), or no slot names it any more (W5). A reader that once validated
+"key K lives at w, seq s" (R5 passed and S[i] still held x after it) may answer K from
+(w, s) for as long as ``Q[w] == s`` and the header's ``stale`` is 0, without probing:
+the compiled reader's result cache does (_creader.c). Version 1 freed chunks without
+the bump, which is why version 2 readers refuse version 1 segments.
 
 Writer, new segment (growth, compaction, new daemon): build it completely (nobody maps
 it yet), publish it in the control segment (ctl seq odd, fields, ctl seq even), set the
@@ -250,7 +258,7 @@ __all__ = [
     "now_ms",
 ]
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 CTL_MAGIC = b"WALCCTL\0"
 DATA_MAGIC = b"WALCTBL\0"

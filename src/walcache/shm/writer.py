@@ -161,6 +161,9 @@ class _Segment:
         self.committed = new
 
     def release(self, w: int, nw: int) -> None:
+        # W5: no slot names the chunk any more; its seq moves on (even to even) so that a
+        # reader holding "this key lives at (w, seq)" sees the chunk is no longer it.
+        self.q[w] += 2
         self.free.setdefault(nw, []).append(w)
         self.free_words += nw
 

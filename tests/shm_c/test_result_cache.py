@@ -1,0 +1,148 @@
+"""The compiled reader's result cache: a hot key is answered without probing or decoding,
+and never with a version that is no longer the key's live record.
+
+Each scenario reads a key twice after every change (the second read is the one the cache
+can answer) and compares both with what was written. The multi-process proof that no
+read returns an older version than the writer had published is in test_torture_c.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from walcache.codec import encode_key
+from walcache.shm import ShmTable
+from walcache.shm.creader import CReader
+
+from shm.test_table import put, table  # noqa: F401
+
+from .helpers import requires_c
+
+pytestmark = requires_c
+
+MISSING = object()
+
+
+@pytest.fixture
+def reader(table: ShmTable) -> Iterator[CReader]:  # noqa: F811
+    r = CReader(table.namespace)
+    yield r
+    r.close()
+
+
+def _via_lookup(r: CReader, key: Any) -> Any:
+    return r.lookup(key, MISSING)
+
+
+def _via_get_many(r: CReader, key: Any) -> Any:
+    return r.get_many([key]).get(key, MISSING)
+
+
+READS = [pytest.param(_via_lookup, id="lookup"), pytest.param(_via_get_many, id="get_many")]
+
+
+def _read_twice(r: CReader, read: Callable[[CReader, Any], Any], key: Any) -> Any:
+    first = read(r, key)
+    second = read(r, key)
+    assert first == second, (key, first, second)
+    return second
+
+
+def test_a_repeated_get_is_answered_from_the_cache(table: ShmTable, reader: CReader) -> None:  # noqa: F811
+    put(table, "k", b"v" * 40)
+    a = reader.lookup("k")
+    hits = reader.cache_hits
+    b = reader.lookup("k")
+    assert a == b == b"v" * 40
+    assert reader.cache_hits == hits + 1
+    assert a is b  # the same immutable object, not a copy
+    reader._use_cache = 0
+    c = reader.lookup("k")
+    assert c == a and c is not a and reader.cache_hits == hits + 1
+    reader._use_cache = 1
+
+
+@pytest.mark.parametrize("read", READS)
+def test_every_change_of_a_cached_key_is_seen(table: ShmTable, reader: CReader, read: Callable[[CReader, Any], Any]) -> None:  # noqa: F811
+    seqno = iter(range(1, 10_000))
+    steps: list[tuple[str, Any]] = [
+        ("first", b"a" * 40),
+        ("same size: rewritten in place", b"b" * 40),
+        ("another size: moved to a new chunk", b"c" * 300),
+        ("back to the first size: the freed chunk is reused", b"d" * 40),
+        ("a str", "text"),
+        ("an int (msgpack)", 12345),
+        ("None", None),
+    ]
+    hits = reader.cache_hits
+    for what, value in steps:
+        put(table, "k", value, next(seqno))
+        assert _read_twice(reader, read, "k") == value, what
+    assert reader.cache_hits > hits, "the scenario never exercised the cache"
+    table.delete(encode_key("k"), next(seqno))
+    assert _read_twice(reader, read, "k") is MISSING, "deleted"
+    put(table, "k", b"e" * 40, next(seqno))  # reinserted: may land in the chunk just freed
+    assert _read_twice(reader, read, "k") == b"e" * 40, "reinserted"
+    put(table, "k", b"f" * 40, next(seqno), expiry_ms=int(time.time() * 1000) + 150)
+    assert _read_twice(reader, read, "k") == b"f" * 40, "with a ttl"
+    time.sleep(0.2)
+    assert _read_twice(reader, read, "k") is MISSING, "expired while cached"
+    put(table, "k", b"g" * 40, next(seqno))
+    assert _read_twice(reader, read, "k") == b"g" * 40
+    name = table.name
+    for i in range(200):  # grow the index: a new segment; the old one goes stale, frozen
+        put(table, f"fill-{i}", i, next(seqno))
+    assert table.name != name
+    put(table, "k", b"h" * 40, next(seqno))
+    assert _read_twice(reader, read, "k") == b"h" * 40, "after the table moved"
+
+
+def test_mutable_values_are_never_shared_between_gets(table: ShmTable, reader: CReader) -> None:  # noqa: F811
+    put(table, "list", [1, 2])
+    put(table, "map", {"a": 1})
+    hits = reader.cache_hits
+    first = reader.lookup("list")
+    first.append(3)
+    assert reader.lookup("list") == [1, 2]
+    m = reader.get_many(["map"])["map"]
+    m["b"] = 2
+    assert reader.get_many(["map"]) == {"map": {"a": 1}}
+    assert reader.cache_hits == hits
+
+
+def test_keys_that_only_differ_in_type_stay_apart(table: ShmTable, reader: CReader) -> None:  # noqa: F811
+    # hash("1") == hash(b"1") in Python: the same cache set; the encoded key tells them apart.
+    put(table, "1", "str one")
+    put(table, b"1", b"bytes one")
+    put(table, 1, "int one")
+    for _ in range(3):
+        assert reader.lookup("1") == "str one"
+        assert reader.lookup(b"1") == b"bytes one"
+        assert reader.lookup(1) == "int one"
+        assert reader.get_many(["1", b"1", 1]) == {"1": "str one", b"1": b"bytes one", 1: "int one"}
+    assert reader.cache_hits > 0
+
+
+def test_big_values_and_long_keys_are_read_but_not_kept(table: ShmTable, reader: CReader) -> None:  # noqa: F811
+    put(table, "big", b"x" * 5000)
+    put(table, "k" * 100, b"long key")
+    hits = reader.cache_hits
+    for _ in range(3):
+        assert reader.lookup("big") == b"x" * 5000
+        assert reader.lookup("k" * 100) == b"long key"
+    assert reader.cache_hits == hits
+
+
+def test_a_str_subclass_key_reads_the_same_entry_without_the_cache(table: ShmTable, reader: CReader) -> None:  # noqa: F811
+    class Name(str):
+        pass
+
+    put(table, "user", b"u" * 20)
+    assert reader.lookup("user") == reader.lookup("user") == b"u" * 20
+    hits = reader.cache_hits
+    assert reader.lookup(Name("user")) == b"u" * 20
+    assert reader.cache_hits == hits  # only exact str, bytes and int are served from it
