@@ -47,6 +47,7 @@ Any change to the framing, a message shape or an op bumps PROTOCOL_VERSION.
 from __future__ import annotations
 
 import struct
+import threading
 from typing import Any, NamedTuple
 
 import msgpack
@@ -133,8 +134,22 @@ OPS: dict[str, tuple[Any, ...]] = {
 }
 
 
+# One msgpack Packer per thread: ``msgpack.packb`` builds a new Packer on every call,
+# which is two thirds of the cost of packing a small request or reply (0.47 vs 0.16 us).
+_packers = threading.local()
+
+
+def _pack(message: Any) -> bytes:
+    try:
+        pack = _packers.pack
+    except AttributeError:
+        pack = _packers.pack = msgpack.Packer(use_bin_type=True).pack
+    body: bytes = pack(message)
+    return body
+
+
 def encode_frame(message: Any) -> bytes:
-    body: bytes = msgpack.packb(message, use_bin_type=True)
+    body = _pack(message)
     return FRAME_HEADER.pack(len(body)) + body
 
 
@@ -153,7 +168,7 @@ class FrameDecoder:
         """Bytes received and not yet returned as frames."""
         return len(self._buf) - self._pos
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._pos and self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
@@ -200,7 +215,7 @@ class ServerProtocol:
     def buffered(self) -> int:
         return self._frames.buffered
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._frames.feed(data)
 
     def next_request(self) -> Request | None:
@@ -217,6 +232,18 @@ class ServerProtocol:
         req_id, op, args = msg
         if type(req_id) is not int or not 0 <= req_id <= MAX_REQ_ID:
             raise ProtocolError("req_id must be an integer in 0..2**63-1")
+        if (
+            op == "put"
+            and self.greeted
+            and type(args) is list
+            and len(args) == 4
+            and type(args[0]) is bytes
+            and type(args[1]) is int
+            and type(args[2]) is bytes
+            and (args[3] is None or type(args[3]) is int)
+        ):
+            # The common request, checked inline: the same checks as OPS["put"] below.
+            return Request(req_id, op, tuple(args))
         if type(op) is not str or type(args) is not list:
             raise BadRequest(req_id, ProtocolError("op must be a string and args an array"))
         checks = OPS.get(op)
@@ -256,7 +283,7 @@ class ClientProtocol:
 
         return self.request("hello", PROTOCOL_VERSION, f"walcache-py/{__version__}")
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._frames.feed(data)
 
     def next_reply(self) -> Reply | None:

@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -244,4 +245,39 @@ def test_a_child_forked_while_the_parent_holds_the_client_lock_does_not_deadlock
         time.sleep(0.02)
     assert os.waitstatus_to_exitcode(status) == 0
     assert c.get("k") == pid
+    c.close()
+
+
+def test_a_daemon_that_stops_answering_times_the_request_out(ws: Workspace) -> None:
+    # The client's timeout is the kernel's (SO_RCVTIMEO) since it stopped polling
+    # before each recv: a stopped daemon must still turn into WalcacheTimeout, and
+    # the same Client must work again once the daemon answers.
+    d = ws.daemon().start()
+    c = d.client(timeout=0.5)
+    c.put("k", 1)
+    outcome: list[BaseException | None] = []
+
+    def put() -> None:
+        try:
+            c.put("k", 2)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    t = threading.Thread(target=put)
+    os.kill(d.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        t.start()
+        t.join(5)  # bounded: a missing timeout fails here instead of hanging
+        waited = time.monotonic() - t0
+        assert not t.is_alive(), "the put did not time out"
+        assert len(outcome) == 1 and isinstance(outcome[0], walcache.WalcacheTimeout), outcome
+        assert 0.4 <= waited < 5, waited
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+        if t.ident is not None:
+            t.join(10)
+    c.put("k", 3)  # a fresh connection; the timed-out put may or may not have applied
+    assert c.get("k") == 3
     c.close()

@@ -8,7 +8,17 @@ sees it.
 
 Fork safety: the mapping is shared memory and survives ``fork`` unchanged; the
 socket is not, so a child that inherits a Client drops the parent's socket on
-its first request and opens its own (checked by pid).
+its first request and opens its own. A fork is noticed through a counter that an
+``os.register_at_fork`` hook bumps in the child (every fork through ``os.fork``,
+multiprocessing included), not by calling ``getpid()`` on every request: that is
+a system call per put.
+
+The round trip costs the client two system calls: one ``send`` and (usually) one
+``recv_into`` a buffer the Client keeps. The timeout is the kernel's
+(SO_RCVTIMEO / SO_SNDTIMEO on a blocking socket): a Python socket timeout would
+add a ``poll`` before every send and every recv, and ``recv(n)`` with a large
+``n`` allocates (and, past glibc's mmap threshold, maps and unmaps) a fresh
+buffer each call.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -41,6 +52,22 @@ from ..shm.creader import Reader, open_reader
 __all__ = ["Client", "connect"]
 
 _MISSING = object()
+
+# Bumped in every child right after a fork; a Client compares it with the value it
+# saw when it connected (cheaper than os.getpid(), a system call, per request).
+_forks = 0
+
+
+def _after_fork_in_child() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
+# Replies to puts are a few bytes; a larger reply (stats, a big get) takes several reads.
+RECV_BUFFER_BYTES = 64 * 1024
 
 
 def _ttl_ms(ttl: float | None) -> int | None:
@@ -73,6 +100,9 @@ class Client(MutableMapping[Key, Any]):
         self._sock: socket.socket | None = None
         self._proto = ClientProtocol()
         self._pid = os.getpid()
+        self._forks = _forks
+        self._rbuf = bytearray(RECV_BUFFER_BYTES)
+        self._rview = memoryview(self._rbuf)
         self._reader: Reader | None = None
         self._closed = False
         self.namespace: str | None = shm_namespace(data_dir) if data_dir is not None else None
@@ -97,9 +127,10 @@ class Client(MutableMapping[Key, Any]):
     def _connect(self) -> None:
         path = str(self.socket_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.timeout)
+        sock.settimeout(self.timeout)  # for connect (a full backlog blocks it)
         try:
             sock.connect(path)
+            _set_kernel_timeout(sock, self.timeout)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise DaemonUnavailable(
@@ -112,6 +143,7 @@ class Client(MutableMapping[Key, Any]):
         self._sock = sock
         self._proto = ClientProtocol()
         self._pid = os.getpid()
+        self._forks = _forks
         try:
             info = self._roundtrip(*self._proto.hello())
         except BaseException:
@@ -139,16 +171,17 @@ class Client(MutableMapping[Key, Any]):
             # Nothing reached a live daemon (a dead one processes nothing): safe to resend.
             self._drop_socket()
             raise _NotSent(f"lost the daemon on {self.socket_path}: {exc}") from None
+        proto = self._proto
         try:
-            while True:
-                reply = self._proto.next_reply()
-                if reply is not None:
-                    break
-                data = sock.recv(1 << 20)
-                if not data:
+            reply = proto.next_reply()
+            while reply is None:
+                n = sock.recv_into(self._rbuf)
+                if not n:
                     raise ConnectionResetError("daemon closed the connection")
-                self._proto.receive_data(data)
-        except socket.timeout:
+                proto.receive_data(self._rview[:n])
+                reply = proto.next_reply()
+        except (BlockingIOError, socket.timeout):
+            # SO_RCVTIMEO ran out: recv fails with EAGAIN on the blocking socket.
             self._drop_socket()
             raise WalcacheTimeout(
                 f"the daemon on {self.socket_path} did not answer within {self.timeout} s"
@@ -170,13 +203,14 @@ class Client(MutableMapping[Key, Any]):
         """One request; reconnects once if the daemon restarted since the last call."""
         if self._closed:
             raise WalcacheError("this Client is closed")
-        if self._pid != os.getpid():
+        if self._forks != _forks:
             # Forked: the parent's socket must not be used (its replies would
             # interleave) and its lock may have been held by a parent thread at the
             # fork; the mapping is fine to share.
             self._lock = threading.Lock()
             self._sock = None
             self._pid = os.getpid()
+            self._forks = _forks
         with self._lock:
             fresh = False
             if self._sock is None:
@@ -342,6 +376,20 @@ class Client(MutableMapping[Key, Any]):
 
     def __repr__(self) -> str:
         return f"<walcache.Client socket={str(self.socket_path)!r} table=/{self.namespace}>"
+
+
+def _set_kernel_timeout(sock: socket.socket, timeout: float) -> None:
+    """Make ``sock`` blocking with a per-call timeout enforced by the kernel.
+
+    Same meaning as ``settimeout`` (each send or recv waits at most ``timeout``),
+    without the ``poll`` CPython issues before every call on a timeout socket.
+    """
+    sock.settimeout(None)
+    # A zero timeval means "wait forever" to the kernel: the shortest timeout is 1 us.
+    usec = max(1, round(max(0.0, timeout) * 1_000_000))
+    tv = _TIMEVAL.pack(usec // 1_000_000, usec % 1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 def _closed_get(key: Key, default: Any) -> Any:
