@@ -9,9 +9,12 @@ One process, two threads:
   fdatasyncs it (``WalWriter.append``) while the loop goes on reading the next
   requests. ``os.pwrite`` and ``os.fdatasync`` release the GIL.
 
-Group commit needs no timer: while one batch is being synced, every request that
-arrives (from any connection) queues in ``pending``; when the sync returns, the
-whole queue becomes the next batch. One fdatasync acknowledges all of it.
+Group commit needs no timer: while one batch is being synced, the loop hands the
+records of every request that arrives (from any connection) to the flusher at
+the end of each loop round; when the sync returns, the flusher takes all of them
+as the next batch at once, without a round trip through the loop. One fdatasync
+acknowledges all of it. The requests wait in ``queue``, in arrival order, until
+the batch holding their record is durable.
 
 The write path, in this order (ARCHITECTURE.md, "The write path"):
 
@@ -46,7 +49,6 @@ import errno
 import json
 import logging
 import os
-import queue
 import selectors
 import signal
 import socket
@@ -77,7 +79,7 @@ from ..paths import ensure_private_dir, shm_namespace
 from ..protocol import PROTOCOL_VERSION, BadRequest, Request, ServerProtocol
 from ..shm.writer import ShmTable
 from . import notify
-from .apply import OP_DELETE, OP_PUT, Applier, DictTable, apply_ops
+from .apply import OP_DELETE, OP_PUT, Applier, DictTable
 from .compaction import EXIT_BUSY, EXIT_ORPHANED, compactor_command
 from .fileops import FileOps
 from .lock import DataDirLock
@@ -123,7 +125,7 @@ class _Conn:
 class _Item:
     """One request waiting for its batch: the reply is computed at completion."""
 
-    __slots__ = ("conn", "req_id", "kind", "op", "ops", "seqno", "record", "footprint", "result")
+    __slots__ = ("conn", "req_id", "kind", "op", "ops", "seqno", "footprint", "result")
 
     def __init__(self, conn: _Conn, req_id: int, kind: str, op: str = "") -> None:
         self.conn = conn
@@ -132,7 +134,6 @@ class _Item:
         self.op = op
         self.ops: list[tuple[int, bytes, int, bytes, int]] | None = None
         self.seqno = 0
-        self.record = b""
         self.footprint = 0
         self.result: Any = None  # read: a callable; error: the exception
 
@@ -153,58 +154,116 @@ _SEAL = _SealRequest()
 
 
 class _Flusher(threading.Thread):
-    """Writes and syncs one batch at a time; tells the loop through a pipe."""
+    """Writes and syncs one batch at a time; tells the loop when it is done.
+
+    The hand-off costs what a batch of a few puts costs to parse, so it is kept
+    to the minimum (each thread switch is a futex and a context switch, which a
+    VM makes dearer; a hand-off through queue.Queue and a pipe write per batch
+    took 5.7 futex calls, a pipe write and two pipe reads per batch, measured with
+    strace at 4 clients):
+
+    - loop -> flusher: ``submit`` appends to a deque and releases ``_bell``, a
+      lock used as a binary semaphore (the loop only releases it, and only when it
+      is held; the flusher only acquires it), instead of a Queue's Condition;
+    - flusher -> loop: the result goes on ``done``; the wake-up pipe is written
+      only when the loop is (about to be) asleep in select (``loop_waiting``).
+      The loop sets that flag, then looks at ``done``/``seals`` before it sleeps;
+      the flusher appends, then reads the flag. Under the GIL both orders are
+      total, so either the loop sees the result or the flusher sees the flag.
+    """
 
     def __init__(self, writer: Any, wake_fd: int, interval_s: float | None) -> None:
         super().__init__(name="walcache-flusher", daemon=True)
         self.writer = writer
         self.wake_fd = wake_fd
         self.interval_s = interval_s
-        self.jobs: queue.Queue[bytes | _SealRequest | None] = queue.Queue()
-        self.done: deque[tuple[BaseException | None, float]] = deque()
+        self.jobs: deque[bytes | _SealRequest | None] = deque()
+        self._bell = threading.Lock()
+        self._bell.acquire()  # held: nothing submitted since the flusher last looked
+        self.loop_waiting = False  # set by the loop around select (see the class doc)
+        # Finished groups for the loop: (error or None, records, last seqno, seconds).
+        self.done: deque[tuple[BaseException | None, int, int, float]] = deque()
         # Seal results for the loop: (sealed segno K, seal seqno S) or the error.
         self.seals: deque[tuple[int, int] | BaseException] = deque()
         # Recent figures for stats: whole appends (write + sync) and the syncs alone.
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.sync_latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
 
+    def submit_records(self, records: list[bytes]) -> None:
+        """Hand over encoded records, in seqno order (loop thread only).
+
+        ``deque.extend`` of a list runs in C under the GIL, so the flusher sees a
+        hand-off whole or not at all.
+        """
+        self.jobs.extend(records)
+        self._ring()
+
+    def submit(self, job: _SealRequest | None) -> None:
+        """A seal (between two groups) or None (stop); loop thread only."""
+        self.jobs.append(job)
+        self._ring()
+
+    def _ring(self) -> None:
+        # Only the loop releases and only when held, so the check cannot race the flusher.
+        if self._bell.locked():
+            self._bell.release()
+
+    def _tell_loop(self, what: bytes) -> None:
+        if self.loop_waiting:
+            os.write(self.wake_fd, what)
+
     def run(self) -> None:
+        jobs = self.jobs
+        writer = self.writer
         while True:
-            try:
-                data = self.jobs.get(timeout=self.interval_s)
-            except queue.Empty:
+            if not jobs:
+                # A spurious wake-up (a release for a job already taken) only loops once more.
+                if self._bell.acquire(timeout=-1 if self.interval_s is None else self.interval_s):
+                    continue
                 # --fsync interval: no batch for a while, sync what was written.
                 try:
-                    self.writer.sync_if_due()
+                    writer.sync_if_due()
                 except BaseException as exc:  # noqa: BLE001 - reported to the loop
-                    self.done.append((exc, 0.0))
+                    self.done.append((exc, 0, 0, 0.0))
                     os.write(self.wake_fd, b"f")
                     return
                 continue
-            if data is None:
-                return
-            if isinstance(data, _SealRequest):
-                # A job boundary is a batch boundary: every record handed over so far is appended.
+            if type(jobs[0]) is bytes:
+                # Group commit: every record handed over while the previous group was
+                # being synced goes into this one (the loop only appends on the right).
+                parts: list[bytes] = []
+                while jobs:
+                    rec = jobs[0]
+                    if not isinstance(rec, bytes):
+                        break
+                    jobs.popleft()
+                    parts.append(rec)
+                t0 = time.perf_counter()
+                syncs = writer.syncs
+                err: BaseException | None = None
                 try:
-                    self.seals.append(self.writer.seal())
-                except BaseException as exc:  # noqa: BLE001 - reported to the loop
-                    self.seals.append(exc)
-                os.write(self.wake_fd, b"s")
+                    writer.append(b"".join(parts))
+                except BaseException as exc:  # noqa: BLE001 - any failure stops acks
+                    err = exc
+                dt = time.perf_counter() - t0
+                if err is None:
+                    self.latencies.append(dt)
+                    if writer.syncs != syncs:
+                        self.sync_latencies.append(writer.last_sync_seconds)
+                # written_seqno is the group's last record: only this thread appends
+                # while records are handed over.
+                self.done.append((err, len(parts), writer.written_seqno, dt))
+                self._tell_loop(b"d")
                 continue
-            t0 = time.perf_counter()
-            syncs = self.writer.syncs
-            err: BaseException | None = None
+            job = jobs.popleft()
+            if job is None:
+                return
+            # A job boundary is a group boundary: every record handed over before it is appended.
             try:
-                self.writer.append(data)
-            except BaseException as exc:  # noqa: BLE001 - any failure stops acks
-                err = exc
-            dt = time.perf_counter() - t0
-            if err is None:
-                self.latencies.append(dt)
-                if self.writer.syncs != syncs:
-                    self.sync_latencies.append(self.writer.last_sync_seconds)
-            self.done.append((err, dt))
-            os.write(self.wake_fd, b"d")
+                self.seals.append(writer.seal())
+            except BaseException as exc:  # noqa: BLE001 - reported to the loop
+                self.seals.append(exc)
+            self._tell_loop(b"s")
 
 
 COMPACT_REPLY_WAIT_S = 3.0  # below the client's default 5 s timeout
@@ -248,9 +307,12 @@ class Daemon:
         self.started = time.time()
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, _Conn] = {}
-        self.pending: list[_Item] = []
+        # Every queued request not yet answered, in arrival order (writes waiting for
+        # their group's sync, and the reads and errors queued behind them).
+        self.queue: deque[_Item] = deque()
         self.pending_footprint = 0
-        self.inflight: list[_Item] | None = None
+        self.unsent: list[bytes] = []  # records encoded this round, not yet written or handed over
+        self.outstanding = 0  # records handed to the flusher and not yet reported back
         self.stopping = False
         self.exit_code = 0
         self.fatal: BaseException | None = None
@@ -372,9 +434,16 @@ class Daemon:
         notify.ready(self._status_line())
         log.info("ready: pid %d, fsync %s, %d keys", os.getpid(), self.cfg.fsync, len(self.table))
         next_tick = time.monotonic() + tick
+        flusher = self.flusher
+        select = self.sel.select
         while True:
             timeout = max(0.0, min(next_tick, self._compaction_deadline()) - time.monotonic())
-            for key, mask in self.sel.select(timeout):
+            flusher.loop_waiting = True
+            if flusher.done or flusher.seals:
+                timeout = 0.0  # the flusher finished while this thread was busy: no pipe byte comes
+            events = select(timeout)
+            flusher.loop_waiting = False
+            for key, mask in events:
                 tag = key.data
                 if tag == "accept":
                     self._accept()
@@ -392,6 +461,8 @@ class Daemon:
                     except Exception:  # noqa: BLE001 - one connection never stops the daemon
                         log.exception("closing %s after an unexpected error", conn.name)
                         self._close(conn)
+            if flusher.done:
+                self._on_flushed()
             # Once per round, after every ready socket was read: what arrived
             # from all connections meanwhile is one batch.
             self._dispatch()
@@ -435,7 +506,8 @@ class Daemon:
             self._remove_socket()
 
     def _drained(self) -> bool:
-        return self.inflight is None and not self.pending
+        # After a failure the flusher may never report back (a hung device): do not wait for it.
+        return not self.queue and (self.outstanding == 0 or self.fatal is not None)
 
     def _remove_socket(self) -> None:
         try:
@@ -527,7 +599,7 @@ class Daemon:
 
     def _enqueue(self, item: _Item) -> None:
         item.conn.inflight += 1
-        self.pending.append(item)
+        self.queue.append(item)
 
     def _handle(self, conn: _Conn, req: Request) -> None:
         op, args, req_id = req.op, req.args, req.req_id
@@ -541,7 +613,7 @@ class Daemon:
             item.ops = ops
             item.footprint = footprint
             try:
-                item.seqno, item.record = self.writer.encode(ops)
+                item.seqno, record = self.writer.encode(ops)
             except LogFailed as exc:
                 self._answer_now_or_queue(conn, req_id, exc)  # the flusher's failure is on its way
                 return
@@ -549,6 +621,7 @@ class Daemon:
                 self._answer_now_or_queue(conn, req_id, InvalidValue(f"cannot log this write: {exc}"))
                 return
             self.pending_footprint += footprint
+            self.unsent.append(record)
             self._enqueue(item)
             return
         if op == "hello":
@@ -647,115 +720,119 @@ class Daemon:
     # -------------------------------------------------------- group commit
 
     def _dispatch(self) -> None:
-        """Hand the pending queue to the flusher when it is idle (or write it here).
+        """Once per loop round: write this round's records here, or hand them to the flusher.
 
         The flusher exists so that an fdatasync never stalls the event loop:
         while it syncs, this thread goes on reading requests from every
-        connection, and they form the next batch. The hand-off costs two thread
-        switches, a pipe write and an extra epoll round (about 40 us a batch
-        here), so the batch is written on this thread when nobody can be
-        stalled by it:
-        - without a per-batch fdatasync (--fsync interval or never) the write is
+        connection and hands their records over at the end of each round; when a
+        sync returns, the flusher writes everything handed over meanwhile as the
+        next group, without waiting for this thread (one fdatasync for all of it).
+        A hand-off still costs thread switches, so the group is written on this
+        thread when nobody can be stalled by it and nothing is in flight:
+        - without a per-group fdatasync (--fsync interval or never) the write is
           a page-cache copy (one client's put: 59 us p50 here, 111 us through
           the flusher);
         - with a single connection, the only client the sync could stall is the
           one waiting for it (one client's durable put: 138 us vs 178 us p50,
           fdatasync 71-74 us, measured side by side).
         """
-        if self.inflight is not None or not self.pending:
+        records = self.unsent
+        if not records:
             return
-        batch, self.pending = self.pending, []
-        writes = [it for it in batch if it.kind == "write"]
-        if not writes:
-            self._complete(batch, None)
-            return
-        data = b"".join([it.record for it in writes])
-        if self.cfg.fsync != "always" or len(self.conns) <= 1:
-            self._append_here(batch, writes, data)
+        self.unsent = []
+        if self.outstanding == 0 and (self.cfg.fsync != "always" or len(self.conns) <= 1):
+            self._append_here(records)
         else:
-            self.inflight = batch
-            self.flusher.jobs.put(data)
+            self.outstanding += len(records)
+            self.flusher.submit_records(records)
 
-    def _append_here(self, batch: list[_Item], writes: list[_Item], data: bytes) -> None:
+    def _append_here(self, records: list[bytes]) -> None:
         t0 = time.perf_counter()
-        syncs = self.writer.syncs
+        writer = self.writer
+        syncs = writer.syncs
         try:
-            self.writer.append(data)
+            writer.append(b"".join(records))
         except Exception as exc:  # noqa: BLE001 - any failure stops acks
-            self._fail(exc, batch)
+            self._fail(exc)
             return
         self.flusher.latencies.append(time.perf_counter() - t0)
-        if self.writer.syncs != syncs:
-            self.flusher.sync_latencies.append(self.writer.last_sync_seconds)
-        self.logged_seqno = writes[-1].seqno
+        if writer.syncs != syncs:
+            self.flusher.sync_latencies.append(writer.last_sync_seconds)
+        self.logged_seqno = writer.written_seqno
         self.batches += 1
-        self.batched_records += len(writes)
-        self._complete(batch, None)
+        self.batched_records += len(records)
+        self._complete_ready()
 
     def _drain_wake(self) -> None:
+        """The pipe only wakes select (flusher results, signals); what happened is read elsewhere."""
         try:
             while os.read(self.wake_r, 4096):
                 pass
         except BlockingIOError:
             pass
-        while self.flusher.done:
-            err, _dt = self.flusher.done.popleft()
+
+    def _on_flushed(self) -> None:
+        done = self.flusher.done
+        while done:
+            err, n, last_seqno, _dt = done.popleft()
+            self.outstanding -= n
             if self.fatal is not None:
                 continue  # after a failure nothing more is applied or acked
-            batch, self.inflight = self.inflight, None
             if err is not None:
-                self._fail(err, batch or [])
-                return
-            assert batch is not None
-            writes = [it for it in batch if it.kind == "write"]
-            if writes:
-                self.logged_seqno = writes[-1].seqno
-                self.batches += 1
-                self.batched_records += len(writes)
-            # Overlap: the next batch goes to disk while this one is applied.
-            if self.pending and any(it.kind == "write" for it in self.pending):
-                nxt, self.pending = self.pending, []
-                self.inflight = nxt
-                self.flusher.jobs.put(b"".join([it.record for it in nxt if it.kind == "write"]))
-            self._complete(batch, None)
-            self._dispatch()
+                self._fail(err)
+                continue
+            self.logged_seqno = last_seqno
+            self.batches += 1
+            self.batched_records += n
+        if self.fatal is None:
+            self._complete_ready()
 
-    def _complete(self, batch: list[_Item], _err: None) -> None:
-        now = _now_ms()
+    def _complete_ready(self) -> None:
+        """Apply and answer, in arrival order, every queued request whose record is durable."""
+        queue = self.queue
+        logged = self.logged_seqno
+        apply: Applier | None = None
         touched: set[_Conn] = set()
-        for k, it in enumerate(batch):
+        while queue:
+            it = queue[0]
             conn = it.conn
             if it.kind == "write":
+                if it.seqno > logged:
+                    break  # its group is still being written: so is everything after it
                 assert it.ops is not None
-                # Ack invariant: the flusher returned from the write (and, under
-                # --fsync always, the fdatasync) of the batch holding this record
-                # before this line runs; only now may it become visible and be acked.
+                # Ack invariant: the write (and, under --fsync always, the fdatasync)
+                # of the group holding this record returned before this line runs
+                # (logged_seqno only moves past a seqno once that call returned);
+                # only now may the record become visible and be acked.
                 assert it.seqno <= self.logged_seqno, (it.seqno, self.logged_seqno)
-                self.pending_footprint -= it.footprint
+                if apply is None:
+                    # apply_ops bound to the table and this round's clock
+                    apply = Applier(self.table, _now_ms())
                 try:
-                    existed = apply_ops(self.table, it.seqno, it.ops, now)
+                    existed = apply(it.seqno, it.ops)
                 except Exception as exc:  # noqa: BLE001 - e.g. /dev/shm full while growing
                     # The record is in the log but not in the table: acking anything
                     # after it would break "a client reads its own writes". Stop; the
                     # next start rebuilds the table from the log.
-                    for done in touched:
-                        self._flush_out(done)
-                    self._fail(exc, batch[k:], what="applying a logged batch to the shared table")
+                    for c in touched:
+                        self._flush_out(c)
+                    self._fail(exc, what="applying a logged batch to the shared table")
                     return
-                result: Any = _WRITE_RESULT[it.op](existed)
-                reply = ServerProtocol.reply(it.req_id, result)
+                self.pending_footprint -= it.footprint
+                reply = ServerProtocol.reply(it.req_id, _WRITE_RESULT[it.op](existed))
             elif it.kind == "read":
                 reply = self._evaluate(it.req_id, it.result)
             else:
                 reply = ServerProtocol.error(it.req_id, it.result)
+            queue.popleft()
             conn.inflight -= 1
             if conn.sock.fileno() >= 0:
                 conn.out += reply
                 touched.add(conn)
-        for conn in touched:
-            self._flush_out(conn)
+        for c in touched:
+            self._flush_out(c)
 
-    def _fail(self, err: BaseException, batch: list[_Item], what: str = "log write") -> None:
+    def _fail(self, err: BaseException, what: str = "log write") -> None:
         """Answer everything not yet answered with the failure, apply nothing more, stop.
 
         Used when the log fails (never retried: the pages may be gone) and when a
@@ -776,14 +853,13 @@ class Daemon:
         )
         self.fatal = failure
         self.exit_code = 1
-        inflight = self.inflight if self.inflight is not None and self.inflight is not batch else []
-        for it in batch + inflight + self.pending:
+        queue, self.queue = self.queue, deque()
+        self.unsent = []
+        for it in queue:
             it.conn.inflight -= 1
             if it.conn.sock.fileno() >= 0:
                 it.conn.out += ServerProtocol.error(it.req_id, failure)
                 self._flush_out(it.conn)
-        self.pending = []
-        self.inflight = None
         if not self.stopping:
             self._begin_stop()
 
@@ -905,7 +981,7 @@ class Daemon:
         """Step 1: hand the flusher a seal job; the rest follows in _compaction_step."""
         assert self.compaction is None
         self.compaction = _Compaction(trigger, time.time(), time.monotonic(), _log_bytes(self.data_dir))
-        self.flusher.jobs.put(_SEAL)
+        self.flusher.submit(_SEAL)
         log.info("compaction (%s) starting: sealing the log at the next batch boundary", trigger)
 
     def _compaction_deadline(self) -> float:
@@ -930,7 +1006,7 @@ class Daemon:
             sealed = self.flusher.seals.popleft()
             if isinstance(sealed, BaseException):
                 self._finish_compaction("failed", error=f"sealing the log failed: {sealed}")
-                self._fail(sealed, [], what="sealing the log for compaction")
+                self._fail(sealed, what="sealing the log for compaction")
                 return
             k, s = sealed
             c.seal_seqno, c.next_segno = s, k + 1
@@ -1300,7 +1376,7 @@ class Daemon:
             for key, mask in self.sel.select(0.05):
                 if isinstance(key.data, _Conn) and mask & selectors.EVENT_WRITE:
                     self._write(key.data)
-        self.flusher.jobs.put(None)
+        self.flusher.submit(None)
         self.flusher.join(timeout=30)
         if self.fatal is None:
             try:
