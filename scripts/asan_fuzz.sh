@@ -78,5 +78,5 @@ case "$loaded" in
 esac
 run "$tmp/asan" tests/shm_c/test_fuzz_c.py tests/shm_c/test_equivalence.py tests/shm_c/test_table_c.py \
     tests/shm_c/test_model_c.py tests/shm_c/test_threads_c.py \
-    tests/shm_c/test_hash_and_constants.py tests/shm_c/test_build_c.py "$@"
+    tests/shm_c/test_hash_and_constants.py tests/shm_c/test_build_c.py tests/shm_c/test_result_cache.py "$@"
 echo "asan_fuzz: clean"

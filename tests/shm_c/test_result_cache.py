@@ -1,13 +1,15 @@
 """The compiled reader's result cache: a hot key is answered without probing or decoding,
 and never with a version that is no longer the key's live record.
 
-Each scenario reads a key twice after every change (the second read is the one the cache
-can answer) and compares both with what was written. The multi-process proof that no
+A key enters the cache on its second miss, so each scenario reads a key three times after
+every change (the third read is one the cache can answer) and compares all of them with
+what was written. The multi-process proof that no
 read returns an older version than the writer had published is in test_torture_c.py.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -45,19 +47,20 @@ def _via_get_many(r: CReader, key: Any) -> Any:
 READS = [pytest.param(_via_lookup, id="lookup"), pytest.param(_via_get_many, id="get_many")]
 
 
-def _read_twice(r: CReader, read: Callable[[CReader, Any], Any], key: Any) -> Any:
-    first = read(r, key)
-    second = read(r, key)
-    assert first == second, (key, first, second)
-    return second
+def _read_thrice(r: CReader, read: Callable[[CReader, Any], Any], key: Any) -> Any:
+    got = [read(r, key) for _ in range(3)]
+    assert got[0] == got[1] == got[2], (key, got)
+    return got[2]
 
 
 def test_a_repeated_get_is_answered_from_the_cache(table: ShmTable, reader: CReader) -> None:  # noqa: F811
     put(table, "k", b"v" * 40)
-    a = reader.lookup("k")
+    first = reader.lookup("k")  # a miss: the key is marked
+    a = reader.lookup("k")  # the second miss: it is admitted
     hits = reader.cache_hits
     b = reader.lookup("k")
-    assert a == b == b"v" * 40
+    assert first == a == b == b"v" * 40
+    assert first is not a  # a new object for each miss
     assert reader.cache_hits == hits + 1
     assert a is b  # the same immutable object, not a copy
     reader._use_cache = 0
@@ -81,24 +84,24 @@ def test_every_change_of_a_cached_key_is_seen(table: ShmTable, reader: CReader, 
     hits = reader.cache_hits
     for what, value in steps:
         put(table, "k", value, next(seqno))
-        assert _read_twice(reader, read, "k") == value, what
+        assert _read_thrice(reader, read, "k") == value, what
     assert reader.cache_hits > hits, "the scenario never exercised the cache"
     table.delete(encode_key("k"), next(seqno))
-    assert _read_twice(reader, read, "k") is MISSING, "deleted"
+    assert _read_thrice(reader, read, "k") is MISSING, "deleted"
     put(table, "k", b"e" * 40, next(seqno))  # reinserted: may land in the chunk just freed
-    assert _read_twice(reader, read, "k") == b"e" * 40, "reinserted"
+    assert _read_thrice(reader, read, "k") == b"e" * 40, "reinserted"
     put(table, "k", b"f" * 40, next(seqno), expiry_ms=int(time.time() * 1000) + 150)
-    assert _read_twice(reader, read, "k") == b"f" * 40, "with a ttl"
+    assert _read_thrice(reader, read, "k") == b"f" * 40, "with a ttl"
     time.sleep(0.2)
-    assert _read_twice(reader, read, "k") is MISSING, "expired while cached"
+    assert _read_thrice(reader, read, "k") is MISSING, "expired while cached"
     put(table, "k", b"g" * 40, next(seqno))
-    assert _read_twice(reader, read, "k") == b"g" * 40
+    assert _read_thrice(reader, read, "k") == b"g" * 40
     name = table.name
     for i in range(200):  # grow the index: a new segment; the old one goes stale, frozen
         put(table, f"fill-{i}", i, next(seqno))
     assert table.name != name
     put(table, "k", b"h" * 40, next(seqno))
-    assert _read_twice(reader, read, "k") == b"h" * 40, "after the table moved"
+    assert _read_thrice(reader, read, "k") == b"h" * 40, "after the table moved"
 
 
 def test_mutable_values_are_never_shared_between_gets(table: ShmTable, reader: CReader) -> None:  # noqa: F811
@@ -146,3 +149,53 @@ def test_a_str_subclass_key_reads_the_same_entry_without_the_cache(table: ShmTab
     hits = reader.cache_hits
     assert reader.lookup(Name("user")) == b"u" * 20
     assert reader.cache_hits == hits  # only exact str, bytes and int are served from it
+
+
+def test_a_full_cache_answers_every_key_with_its_own_value(namespace: str) -> None:
+    """About as many hot keys as the cache holds: both ways of many sets are taken, some
+    sets overflow, keys of one batch share sets, hits in the second way reorder a set."""
+    rng = random.Random(7)
+    t = ShmTable.create(namespace, capacity=8192)
+    try:
+        model = {f"key-{i}": (b"%d" % i) * (1 + i % 5) for i in range(1500)}
+        for seqno, (k, v) in enumerate(model.items(), 1):
+            put(t, k, v, seqno)
+        t.publish()
+        r = CReader(namespace)
+        try:
+            keys = list(model)
+            for _ in range(3):
+                rng.shuffle(keys)
+                for k in keys:
+                    assert r.lookup(k) == model[k], k
+                for i in range(0, len(keys), 64):
+                    batch = keys[i : i + 64]
+                    assert r.get_many(batch) == {k: model[k] for k in batch}
+            assert r.cache_hits > len(keys) and r._cache_bypass == 0
+        finally:
+            r.close()
+    finally:
+        t.close(unlink=True)
+
+
+def test_a_cache_that_does_not_pay_is_bypassed_for_a_while(namespace: str) -> None:
+    """Keys read twice each and never again (a scan): every entry is evicted unused, so the
+    cache is judged useless and skipped; reads stay right throughout and after."""
+    t = ShmTable.create(namespace, capacity=32768)
+    try:
+        for i in range(12000):
+            put(t, i, i * 3, i + 1)
+        t.publish()
+        r = CReader(namespace)
+        try:
+            for i in range(12000):
+                assert r.lookup(i) == r.lookup(i) == i * 3  # the second miss stores it
+            assert r.cache_hits == 0
+            assert r._cache_bypass > 0, "a cache that only evicts unused entries was not bypassed"
+            left = r._cache_bypass
+            assert r.get_many([5, 6, 7]) == {5: 15, 6: 18, 7: 21}
+            assert r.lookup(8) == 24 and r._cache_bypass == left - 4
+        finally:
+            r.close()
+    finally:
+        t.close(unlink=True)

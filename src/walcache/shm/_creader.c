@@ -285,6 +285,10 @@ typedef struct {
     int no_seqlock;        /* test only: skip R5/R6, to prove the torture test catches tears */
     int use_cache;         /* the result cache below (on by default; tests and bench switch it) */
     struct cache_entry *cache; /* CACHE_SETS * CACHE_WAYS entries, allocated on first store */
+    uint64_t *door;        /* DOOR_BITS bits: keys that missed once since the last reset */
+    unsigned door_marks;   /* bits set since the last reset */
+    unsigned window_evictions, window_wasted; /* since the last judgement */
+    unsigned bypass;       /* gets left that skip the cache: it was not paying */
     uint64_t epoch;        /* +1 at every install/detach: a result decoded under an older
                             * mapping must not be stored for the new one */
     unsigned long long retries;   /* failed validations */
@@ -324,16 +328,76 @@ typedef struct {
 #define CACHE_SETS 2048 /* a power of two */
 #define CACHE_SET_BITS 11
 #define CACHE_WAYS 2    /* way 0 is the most recently used */
+_Static_assert(CACHE_WAYS == 2, "cache_validate and cache_store handle exactly two ways");
 #define CACHE_MAX_VALUE 1024
-#define CACHE_MAX_KEY 38 /* encoded key bytes an entry holds: the entry is one 64-byte line */
+#define CACHE_MAX_KEY 37 /* encoded key bytes an entry holds: the entry is one 64-byte line */
+/* Admission: a key enters the cache on its second miss within a window, so that a stream
+ * of keys read once (a scan, a uniform spread over far more keys than the cache holds)
+ * neither evicts the hot ones nor pays for entries never used again. The window is one
+ * bit per key hash (8 KiB, stays in the CPU cache), all cleared after DOOR_RESET marks.
+ * The same bit gates the lookup: a key whose bit is clear is not looked for in the cache,
+ * so a get of a cold key does not pay two more cache misses for the entry lines (a hot
+ * key loses one hit after each reset, which marks it again). */
+/* Every CACHE_JUDGE_EVICTIONS evictions the cache is judged: when more than 3 in 4 of the
+ * entries it evicted were never hit, the reads have no hot set it can hold (keys spread
+ * evenly over far more than it holds); then the next CACHE_BYPASS gets skip it altogether
+ * and cost what they cost without it (its entries stay, and are judged again after). */
+#define CACHE_JUDGE_EVICTIONS 1024
+#define CACHE_BYPASS 65536
+#define DOOR_SHIFT 16
+#define DOOR_BITS (1 << DOOR_SHIFT)
+#define DOOR_RESET (DOOR_BITS / 2)
 
 struct cache_entry {
     uint64_t w;      /* record word; 0 = empty (no record starts at word 0) */
     uint64_t seq;    /* its even seq when the value was decoded */
     PyObject *value; /* owned */
     uint16_t klen;   /* encoded key length */
+    uint8_t hit;     /* answered a get since it was stored */
     uint8_t key[CACHE_MAX_KEY];
 };
+
+/* a[0..n) == b[0..n) for the short keys an entry holds (1 <= n <= CACHE_MAX_KEY), inline:
+ * a libc memcmp call costs more than the compare. Overlapping 8-byte loads cover n >= 8. */
+static inline int
+short_key_eq(const uint8_t *a, const uint8_t *b, size_t n)
+{
+    uint64_t x, y;
+    if (n >= 8) {
+        size_t i = 0;
+        for (; i + 8 < n; i += 8) {
+            memcpy(&x, a + i, 8);
+            memcpy(&y, b + i, 8);
+            if (x != y)
+                return 0;
+        }
+        memcpy(&x, a + n - 8, 8);
+        memcpy(&y, b + n - 8, 8);
+        return x == y;
+    }
+    for (size_t i = 0; i < n; i++)
+        if (a[i] != b[i])
+            return 0;
+    return 1;
+}
+
+_Static_assert(sizeof(struct cache_entry) == 64, "an entry is one cache line");
+
+static inline int
+door_bit(Py_hash_t ph, uint64_t *mask)
+{
+    uint64_t bit = ((uint64_t)ph * UINT64_C(0xC2B2AE3D27D4EB4F)) >> (64 - DOOR_SHIFT);
+    *mask = UINT64_C(1) << (bit & 63);
+    return (int)(bit >> 6);
+}
+
+/* Whether the entry lines are worth reading for this key (see DOOR_BITS). */
+static inline int
+cache_may_hold(Reader *r, Py_hash_t ph)
+{
+    uint64_t mask;
+    return r->cache != NULL && ph != -1 && (r->door[door_bit(ph, &mask)] & mask) != 0;
+}
 
 static inline struct cache_entry *
 cache_set(Reader *r, Py_hash_t ph)
@@ -348,6 +412,10 @@ cache_hash(Reader *r, PyObject *key, Py_ssize_t klen)
 {
     if (!r->use_cache || r->no_seqlock || klen > CACHE_MAX_KEY)
         return -1;
+    if (r->bypass != 0) {
+        r->bypass--;
+        return -1;
+    }
     PyTypeObject *t = Py_TYPE(key);
     if (t != &PyUnicode_Type && t != &PyBytes_Type && t != &PyLong_Type)
         return -1;
@@ -357,27 +425,34 @@ cache_hash(Reader *r, PyObject *key, Py_ssize_t klen)
     return ph;
 }
 
-/* A new reference to the current value of the encoded key kb, or NULL: not cached, or the
- * entry is no longer the key's live record (the caller runs the full protocol). */
-static inline PyObject *
-cache_get(Reader *r, Py_hash_t ph, const uint8_t *kb, Py_ssize_t klen)
+/* The entry for the encoded key kb, or NULL. Valid until Python code runs (a remap, in
+ * any thread, frees the entries). */
+static inline struct cache_entry *
+cache_match(Reader *r, Py_hash_t ph, const uint8_t *kb, Py_ssize_t klen)
 {
-    if (r->cache == NULL || ph == -1 || UNLIKELY(!r->attached))
+    if (!cache_may_hold(r, ph) || UNLIKELY(!r->attached))
         return NULL;
     struct cache_entry *e = cache_set(r, ph);
-    int way;
-    if (e[0].klen == klen && memcmp(e[0].key, kb, (size_t)klen) == 0)
-        way = 0;
-    else if (e[1].klen == klen && memcmp(e[1].key, kb, (size_t)klen) == 0)
-        way = 1;
-    else
-        return NULL;
+    if (e[0].klen == klen && short_key_eq(e[0].key, kb, (size_t)klen))
+        return &e[0];
+    if (e[1].klen == klen && short_key_eq(e[1].key, kb, (size_t)klen))
+        return &e[1];
+    return NULL;
+}
+
+/* A new reference to the cached value of entry e (from cache_match), or NULL: the entry
+ * is no longer its key's live record, or the key expired (the caller runs the full
+ * protocol, which decides). promote: move a hit in way 1 to way 0, which moves the other
+ * entry of the set: only when no other pointer into the set is held. */
+static inline PyObject *
+cache_validate(Reader *r, struct cache_entry *e, int promote)
+{
     const aword *Q = r->Q;
-    const uint64_t w = e[way].w; /* bounds-checked by the read that stored it, in this mapping */
+    const uint64_t w = e->w; /* bounds-checked by the read that stored it, in this mapping */
     if (load_acquire(&Q[H_STALE]) != 0)
         return NULL;
     uint64_t s1 = load_acquire(&Q[w + R_SEQ]);
-    if (s1 != e[way].seq)
+    if (s1 != e->seq)
         return NULL;
     uint64_t xv = load_relaxed(&Q[w + R_EXPIRY_VFLAG]);
     atomic_thread_fence(memory_order_acquire);
@@ -386,13 +461,26 @@ cache_get(Reader *r, Py_hash_t ph, const uint8_t *kb, Py_ssize_t klen)
     uint64_t expiry = xv >> 8;
     if (expiry != 0 && expiry <= now_ms())
         return NULL;
-    if (way == 1) {
-        struct cache_entry t = e[0];
-        e[0] = e[1];
-        e[1] = t;
+    size_t way = (size_t)(e - r->cache) % CACHE_WAYS;
+    if (promote && way != 0) { /* keep the most recently used in way 0 */
+        struct cache_entry t = e[-1];
+        e[-1] = e[0];
+        e[0] = t;
+        e -= 1;
     }
     r->cache_hits++;
-    return Py_NewRef(e[0].value);
+    if (!e->hit) /* written once: a hit does not dirty the entry's line */
+        e->hit = 1;
+    return Py_NewRef(e->value);
+}
+
+/* A new reference to the current value of the encoded key kb, or NULL: not cached, or the
+ * entry is no longer the key's live record (the caller runs the full protocol). */
+static inline PyObject *
+cache_get(Reader *r, Py_hash_t ph, const uint8_t *kb, Py_ssize_t klen)
+{
+    struct cache_entry *e = cache_match(r, ph, kb, klen);
+    return e == NULL ? NULL : cache_validate(r, e, 1);
 }
 
 static int
@@ -416,19 +504,46 @@ cache_store(Reader *r, uint64_t epoch, Py_hash_t ph, const uint8_t *kb, Py_ssize
     if (r->cache == NULL) {
         size_t n = CACHE_SETS * CACHE_WAYS * sizeof(struct cache_entry);
         r->cache = aligned_alloc(64, n);
-        if (r->cache == NULL)
-            return; /* a cache is an optimisation: no memory for it, no cache */
+        r->door = calloc(DOOR_BITS / 64, sizeof(uint64_t));
+        if (r->cache == NULL || r->door == NULL) { /* an optimisation: no memory, no cache */
+            free(r->cache);
+            free(r->door);
+            r->cache = NULL;
+            r->door = NULL;
+            return;
+        }
         memset(r->cache, 0, n);
+        r->door_marks = 0;
+    }
+    uint64_t mask;
+    int word = door_bit(ph, &mask);
+    if (!(r->door[word] & mask)) {
+        r->door[word] |= mask;
+        if (++r->door_marks >= DOOR_RESET) {
+            memset(r->door, 0, DOOR_BITS / 8);
+            r->door_marks = 0;
+        }
+        return;
     }
     struct cache_entry *e = cache_set(r, ph);
-    int way = e[0].klen == klen && memcmp(e[0].key, kb, (size_t)klen) == 0 ? 0 : 1;
-    PyObject *old = e[way].value;
-    if (way == 1) /* a new key: it takes way 0, the old way 0 becomes way 1, way 1 goes */
+    int same0 = e[0].klen == klen && short_key_eq(e[0].key, kb, (size_t)klen);
+    int same1 = !same0 && e[1].klen == klen && short_key_eq(e[1].key, kb, (size_t)klen);
+    PyObject *old = same0 ? e[0].value : e[1].value;
+    if (!same0 && !same1 && old != NULL) { /* another key's entry goes */
+        r->window_wasted += !e[1].hit;
+        if (++r->window_evictions >= CACHE_JUDGE_EVICTIONS) {
+            if (r->window_wasted * 4 > r->window_evictions * 3)
+                r->bypass = CACHE_BYPASS;
+            r->window_evictions = r->window_wasted = 0;
+        }
+    }
+    if (!same0) /* way 0 takes the new entry; the old way 0 becomes way 1, way 1 goes */
         e[1] = e[0];
     e[0].w = w;
     e[0].seq = seq;
     e[0].value = Py_NewRef(v);
     e[0].klen = (uint16_t)klen;
+    e[0].hit = 0;
     memcpy(e[0].key, kb, (size_t)klen);
     Py_XDECREF(old);
 }
@@ -441,6 +556,8 @@ cache_clear(Reader *r)
         return;
     struct cache_entry *c = r->cache;
     r->cache = NULL;
+    free(r->door);
+    r->door = NULL;
     for (size_t i = 0; i < CACHE_SETS * CACHE_WAYS; i++)
         Py_XDECREF(c[i].value);
     free(c);
@@ -1160,39 +1277,66 @@ reader_contains(Reader *r, PyObject *kb)
 static PyObject *
 reader_get_many(Reader *r, PyObject *keys)
 {
-    /* A tuple: Python code run meanwhile (msgpack, a hook) cannot resize it under us. */
-    PyObject *seq = PySequence_Tuple(keys);
+    /* A list or tuple is read in place (copying it would cost as much as a cached get);
+     * anything else is copied into a tuple first. Python code run meanwhile (msgpack, a
+     * hook, another thread) may shrink a list: each group takes strong references to its
+     * keys first and the size is read again for every group. */
+    PyObject *seq = PyList_CheckExact(keys) || PyTuple_CheckExact(keys) ? Py_NewRef(keys) : PySequence_Tuple(keys);
     if (seq == NULL)
         return NULL;
-    Py_ssize_t total = PyTuple_GET_SIZE(seq);
-    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
     /* Sized for every key up front: growing a dict key by key costs more than the reads. */
-    PyObject *out = _PyDict_NewPresized(total);
+    PyObject *out = _PyDict_NewPresized(PySequence_Fast_GET_SIZE(seq));
+    PyObject *it[BATCH]; /* the group's keys, owned */
     keybuf k[BATCH];
     uint64_t hs[BATCH];
     Py_hash_t ph[BATCH];
+    struct cache_entry *ce[BATCH];
     int todo[BATCH]; /* the keys of the group the result cache did not answer */
-    int nk = 0;
+    int nk = 0, nit = 0;
     if (out == NULL)
         goto fail;
-    for (Py_ssize_t start = 0; start < total; start += BATCH) {
-        nk = (int)(total - start < BATCH ? total - start : BATCH);
+    for (Py_ssize_t start = 0; start < PySequence_Fast_GET_SIZE(seq); start += BATCH) {
+        Py_ssize_t total = PySequence_Fast_GET_SIZE(seq);
+        PyObject **items = PySequence_Fast_ITEMS(seq);
+        nit = (int)(total - start < BATCH ? total - start : BATCH);
+        for (int j = 0; j < nit; j++)
+            it[j] = Py_NewRef(items[start + j]);
+        nk = 0;
         int nt = 0;
-        for (int j = 0; j < nk; j++) {
-            if (encode_user_key(items[start + j], &k[j]) < 0) {
-                nk = j;
+        /* The result cache first, in passes that overlap the misses of the group: its
+         * entries, then the records and values they name, then the checks. Nothing in
+         * between runs Python code (codec.encode_key for unusual key types runs before
+         * any entry is taken; inserting str, bytes or int keys runs none), so the entry
+         * pointers stay valid until the checks are done. */
+        /* The next group's key objects (their hash and bytes are read first thing). */
+        for (Py_ssize_t j = start + BATCH; j < total && j < start + 2 * BATCH; j++)
+            PREFETCH(items[j]);
+        for (int j = 0; j < nit; j++) {
+            if (encode_user_key(it[j], &k[j]) < 0)
                 goto fail;
+            nk = j + 1;
+            ph[j] = cache_hash(r, it[j], k[j].n);
+            if (cache_may_hold(r, ph[j])) {
+                PREFETCH(cache_set(r, ph[j]));     /* way 0 */
+                PREFETCH(cache_set(r, ph[j]) + 1); /* way 1, the next line */
             }
-            ph[j] = cache_hash(r, items[start + j], k[j].n);
-            PyObject *v = cache_get(r, ph[j], k[j].p, k[j].n);
+        }
+        for (int j = 0; j < nk; j++) {
+            ce[j] = cache_match(r, ph[j], k[j].p, k[j].n);
+            if (ce[j] != NULL) {
+                PREFETCH(&r->Q[ce[j]->w]);
+                PREFETCH(ce[j]->value);
+            }
+        }
+        for (int j = 0; j < nk; j++) {
+            /* No promotion: another key of the group may hold the other way's entry. */
+            PyObject *v = ce[j] == NULL ? NULL : cache_validate(r, ce[j], 0);
             if (v != NULL) {
-                /* Inserting runs no Python code: the keys are str, bytes or int. */
-                int bad = PyDict_SetItem(out, items[start + j], v) < 0;
+                /* ph is the key's own hash (the cache serves exact str, bytes, int only) */
+                int bad = _PyDict_SetItem_KnownHash(out, it[j], v, ph[j]) < 0;
                 Py_DECREF(v);
-                if (bad) {
-                    nk = j + 1;
+                if (bad)
                     goto fail;
-                }
                 continue;
             }
             hs[j] = xxh64(k[j].p, (size_t)k[j].n, 0);
@@ -1225,7 +1369,7 @@ reader_get_many(Reader *r, PyObject *keys)
                 PyObject *v = decode_value(&o);
                 if (v != NULL && o.live)
                     cache_store(r, epoch, ph[j], k[j].p, k[j].n, o.w, o.seq, v, o.vlen);
-                int bad = v == NULL || PyDict_SetItem(out, items[start + j], v) < 0;
+                int bad = v == NULL || PyDict_SetItem(out, it[j], v) < 0;
                 Py_XDECREF(v);
                 if (bad)
                     rc = ERROR;
@@ -1237,12 +1381,17 @@ reader_get_many(Reader *r, PyObject *keys)
         for (int j = 0; j < nk; j++)
             keybuf_free(&k[j]);
         nk = 0;
+        for (int j = 0; j < nit; j++)
+            Py_DECREF(it[j]);
+        nit = 0;
     }
     Py_DECREF(seq);
     return out;
 fail:
     for (int j = 0; j < nk; j++)
         keybuf_free(&k[j]);
+    for (int j = 0; j < nit; j++)
+        Py_DECREF(it[j]);
     Py_XDECREF(out);
     Py_DECREF(seq);
     return NULL;
@@ -1445,6 +1594,8 @@ static PyMemberDef reader_members[] = {
     {"contended", T_ULONGLONG, offsetof(Reader, contended), READONLY, "reads that hit the retry bounds"},
     {"cache_hits", T_ULONGLONG, offsetof(Reader, cache_hits), READONLY,
      "lookups answered from the result cache (no copy, no decode)"},
+    {"_cache_bypass", T_UINT, offsetof(Reader, bypass), READONLY,
+     "gets left that skip the result cache (it was judged not to pay)"},
     {"_use_cache", T_INT, offsetof(Reader, use_cache), 0,
      "whether lookup and get_many keep immutable results per record version (default 1)"},
     {NULL},
