@@ -12,6 +12,8 @@ rows alike:
 - ``ShmReader.lookup``: the pure-Python reader (the reference);
 - ``CReader.lookup``: the compiled reader's get, the client's hot path;
 - ``CReader.get_many``: batches of 100 keys, reported per key;
+- the same two with the compiled reader's result cache switched off (``_use_cache = 0``),
+  to show what the cache does (the client runs with it on);
 - ``lmdb get``: LMDB with a new read transaction per get (a separate writer process
   rewrites LMDB in the writer rows, as the table's writer does for the others).
 
@@ -52,7 +54,8 @@ from walcache.shm.creader import CReader, extension, extension_error
 import common
 from common import KEY_BYTES, VALUE_BYTES
 BATCH = 100
-ROWS = ["dict.get", "python lookup", "C lookup", "C get_many /key", "lmdb get"]
+ROWS = ["dict.get", "python lookup", "C lookup", "C get_many /key", "C lookup, no cache", "C get_many /key, no cache",
+        "lmdb get"]
 
 
 # -- writer processes ----------------------------------------------------------------------------
@@ -198,11 +201,23 @@ def _reader(
 
     def variants(seq: list[bytes]) -> dict[str, Callable[[], float]]:
         batches = [seq[i : i + BATCH] for i in range(0, len(seq), BATCH)]
+        def cache(on: int, fn: Callable[[], float]) -> Callable[[], float]:
+            def run() -> float:
+                c._use_cache = on
+                try:
+                    return fn()
+                finally:
+                    c._use_cache = 1
+
+            return run
+
         return {
             "dict.get": lambda: _pass_ns(d.get, seq),
             "python lookup": lambda: _pass_ns(py.lookup, seq),
             "C lookup": lambda: _pass_ns(c.lookup, seq),
             "C get_many /key": lambda: _batched_pass_ns(c.get_many, batches, len(seq)),
+            "C lookup, no cache": cache(0, lambda: _pass_ns(c.lookup, seq)),
+            "C get_many /key, no cache": cache(0, lambda: _batched_pass_ns(c.get_many, batches, len(seq))),
             "lmdb get": lambda: _pass_ns(lmdb_get, seq),
         }
 
@@ -214,7 +229,8 @@ def _reader(
             figures, contended = _measure(variants(seq), rounds)
             results[f"{dist}, {'writer' if writer else 'quiet'}"] = {"rows": figures, "contended_passes": contended}
         conn.send("done")
-    results["c_reader_counters"] = {"retries": c.retries, "remaps": c.remaps, "contended": c.contended}
+    results["c_reader_counters"] = {"retries": c.retries, "remaps": c.remaps, "contended": c.contended,
+                                    "cache_hits": c.cache_hits}  # fmt: skip
     conn.send(results)
     c.close()
     py.close()

@@ -287,7 +287,7 @@ typedef struct {
     struct cache_entry *cache; /* CACHE_SETS * CACHE_WAYS entries, allocated on first store */
     uint64_t *door;        /* DOOR_BITS bits: keys that missed once since the last reset */
     unsigned door_marks;   /* bits set since the last reset */
-    unsigned window_evictions, window_wasted; /* since the last judgement */
+    unsigned window_evictions, window_hits; /* since the last judgement */
     unsigned bypass;       /* gets left that skip the cache: it was not paying */
     uint64_t epoch;        /* +1 at every install/detach: a result decoded under an older
                             * mapping must not be stored for the new one */
@@ -330,7 +330,7 @@ typedef struct {
 #define CACHE_WAYS 2    /* way 0 is the most recently used */
 _Static_assert(CACHE_WAYS == 2, "cache_validate and cache_store handle exactly two ways");
 #define CACHE_MAX_VALUE 1024
-#define CACHE_MAX_KEY 37 /* encoded key bytes an entry holds: the entry is one 64-byte line */
+#define CACHE_MAX_KEY 38 /* encoded key bytes an entry holds: the entry is one 64-byte line */
 /* Admission: a key enters the cache on its second miss within a window, so that a stream
  * of keys read once (a scan, a uniform spread over far more keys than the cache holds)
  * neither evicts the hot ones nor pays for entries never used again. The window is one
@@ -338,10 +338,11 @@ _Static_assert(CACHE_WAYS == 2, "cache_validate and cache_store handle exactly t
  * The same bit gates the lookup: a key whose bit is clear is not looked for in the cache,
  * so a get of a cold key does not pay two more cache misses for the entry lines (a hot
  * key loses one hit after each reset, which marks it again). */
-/* Every CACHE_JUDGE_EVICTIONS evictions the cache is judged: when more than 3 in 4 of the
- * entries it evicted were never hit, the reads have no hot set it can hold (keys spread
- * evenly over far more than it holds); then the next CACHE_BYPASS gets skip it altogether
- * and cost what they cost without it (its entries stay, and are judged again after). */
+/* Every CACHE_JUDGE_EVICTIONS evictions the cache is judged: when it answered fewer gets
+ * than it evicted entries since the last judgement, the reads have no hot set it can hold
+ * (keys spread evenly over far more than it holds), and each get pays for entry lines and
+ * stores that buy nothing; then the next CACHE_BYPASS gets skip it altogether and cost
+ * what they cost without it (its entries stay, and it is judged again after). */
 #define CACHE_JUDGE_EVICTIONS 1024
 #define CACHE_BYPASS 65536
 #define DOOR_SHIFT 16
@@ -353,7 +354,6 @@ struct cache_entry {
     uint64_t seq;    /* its even seq when the value was decoded */
     PyObject *value; /* owned */
     uint16_t klen;   /* encoded key length */
-    uint8_t hit;     /* answered a get since it was stored */
     uint8_t key[CACHE_MAX_KEY];
 };
 
@@ -469,8 +469,7 @@ cache_validate(Reader *r, struct cache_entry *e, int promote)
         e -= 1;
     }
     r->cache_hits++;
-    if (!e->hit) /* written once: a hit does not dirty the entry's line */
-        e->hit = 1;
+    r->window_hits++;
     return Py_NewRef(e->value);
 }
 
@@ -530,11 +529,10 @@ cache_store(Reader *r, uint64_t epoch, Py_hash_t ph, const uint8_t *kb, Py_ssize
     int same1 = !same0 && e[1].klen == klen && short_key_eq(e[1].key, kb, (size_t)klen);
     PyObject *old = same0 ? e[0].value : e[1].value;
     if (!same0 && !same1 && old != NULL) { /* another key's entry goes */
-        r->window_wasted += !e[1].hit;
         if (++r->window_evictions >= CACHE_JUDGE_EVICTIONS) {
-            if (r->window_wasted * 4 > r->window_evictions * 3)
+            if (r->window_hits < r->window_evictions)
                 r->bypass = CACHE_BYPASS;
-            r->window_evictions = r->window_wasted = 0;
+            r->window_evictions = r->window_hits = 0;
         }
     }
     if (!same0) /* way 0 takes the new entry; the old way 0 becomes way 1, way 1 goes */
@@ -543,7 +541,6 @@ cache_store(Reader *r, uint64_t epoch, Py_hash_t ph, const uint8_t *kb, Py_ssize
     e[0].seq = seq;
     e[0].value = Py_NewRef(v);
     e[0].klen = (uint16_t)klen;
-    e[0].hit = 0;
     memcpy(e[0].key, kb, (size_t)klen);
     Py_XDECREF(old);
 }
@@ -789,7 +786,20 @@ keybuf_set(keybuf *k, uint8_t tag, const char *payload, Py_ssize_t n)
         k->p = k->heap;
     }
     k->p[0] = tag;
-    memcpy(k->p + 1, payload, (size_t)n);
+    if (n >= 8 && n <= 32) {
+        /* A short key inline (a libc call costs more than the copy): 8-byte words, the
+         * last one overlapping, all inside both buffers. */
+        uint64_t x;
+        for (Py_ssize_t i = 0; i + 8 < n; i += 8) {
+            memcpy(&x, payload + i, 8);
+            memcpy(k->p + 1 + i, &x, 8);
+        }
+        memcpy(&x, payload + n - 8, 8);
+        memcpy(k->p + 1 + n - 8, &x, 8);
+    }
+    else {
+        memcpy(k->p + 1, payload, (size_t)n);
+    }
     k->n = n + 1;
     return 0;
 }
@@ -1298,10 +1308,8 @@ reader_get_many(Reader *r, PyObject *keys)
     for (Py_ssize_t start = 0; start < PySequence_Fast_GET_SIZE(seq); start += BATCH) {
         Py_ssize_t total = PySequence_Fast_GET_SIZE(seq);
         PyObject **items = PySequence_Fast_ITEMS(seq);
-        nit = (int)(total - start < BATCH ? total - start : BATCH);
-        for (int j = 0; j < nit; j++)
-            it[j] = Py_NewRef(items[start + j]);
-        nk = 0;
+        int group = (int)(total - start < BATCH ? total - start : BATCH);
+        nk = nit = 0;
         int nt = 0;
         /* The result cache first, in passes that overlap the misses of the group: its
          * entries, then the records and values they name, then the checks. Nothing in
@@ -1311,6 +1319,11 @@ reader_get_many(Reader *r, PyObject *keys)
         /* The next group's key objects (their hash and bytes are read first thing). */
         for (Py_ssize_t j = start + BATCH; j < total && j < start + 2 * BATCH; j++)
             PREFETCH(items[j]);
+        for (int j = 0; j < group; j++) {
+            /* Taken before anything can run Python code that might shrink the list. */
+            it[j] = Py_NewRef(items[start + j]);
+            nit = j + 1;
+        }
         for (int j = 0; j < nit; j++) {
             if (encode_user_key(it[j], &k[j]) < 0)
                 goto fail;
