@@ -4,10 +4,16 @@
 
 For each store and client count, that many client processes put random keys
 (10-byte keys, 100-byte values) as fast as their acknowledgements come back,
-each timing every put. Prints a table (puts/s, p50/p99 per put, and for
+each timing every put. Prints a table (puts/s, p50/p99 per put, CPU time per
+put of the server process and of the client processes, user + system, and for
 walcache the average number of records per fdatasync) and writes
 bench/results/put-<date>.json. The disk's own fdatasync p50/p99 is measured in
 the same run, since the targets are stated against it.
+
+CPU per put is the figure to compare between runs on a shared machine: with
+2 cores and 16 client processes the machine is CPU-bound, so puts/s follows
+(server + client) CPU per put, while wall-clock figures move with the load
+other work puts on the machine.
 
 Servers and clients share the machine's cores; quote medians of several runs.
 """
@@ -21,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -46,6 +53,7 @@ def _client(peer: Peer, seconds: float, seed: int, start: Any, out: Any) -> None
     lat: list[int] = []
     start.wait()
     gc.disable()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t_end = time.perf_counter() + seconds
     clock = time.perf_counter_ns
     i = 0
@@ -57,9 +65,11 @@ def _client(peer: Peer, seconds: float, seed: int, start: Any, out: Any) -> None
         i += 1
         if not i & 15 and t1 / 1e9 >= t_end:
             break
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     gc.enable()
     store.close()
-    out.put(lat)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    out.put((lat, cpu))
 
 
 def measure(peer: Peer, nclients: int, seconds: float, seed: int) -> dict[str, Any]:
@@ -73,12 +83,18 @@ def measure(peer: Peer, nclients: int, seconds: float, seed: int) -> dict[str, A
     for p in procs:
         p.start()
     time.sleep(0.3)  # every client connected and waiting
+    server = _server_process(peer)
+    cpu0 = _cpu_seconds(server)
     t0 = time.perf_counter()
     start.set()
     lats: list[int] = []
+    client_cpu = 0.0
     for _ in procs:
-        lats.extend(out.get(timeout=seconds + 60))
+        lat, cpu = out.get(timeout=seconds + 60)
+        lats.extend(lat)
+        client_cpu += cpu
     wall = time.perf_counter() - t0
+    cpu1 = _cpu_seconds(server)
     for p in procs:
         p.join(10)
     after = _walcache_stats(peer)
@@ -90,6 +106,10 @@ def measure(peer: Peer, nclients: int, seconds: float, seed: int) -> dict[str, A
         "puts_per_s": len(lats) / wall,
         "p50_us": common.pct(lats, 0.50) / 1000.0,
         "p99_us": common.pct(lats, 0.99) / 1000.0,
+        # user + system CPU per acknowledged put; the server's includes the time after
+        # the last client finished its last put (the others' stragglers), a few ms.
+        "server_cpu_us_per_put": (cpu1 - cpu0) / len(lats) * 1e6 if server and lats else None,
+        "client_cpu_us_per_put": client_cpu / len(lats) * 1e6 if lats else None,
     }
     if before and after:
         records = after["records"] - before["records"]
@@ -97,6 +117,26 @@ def measure(peer: Peer, nclients: int, seconds: float, seed: int) -> dict[str, A
         row["avg_batch"] = records / batches if batches else None
         row["daemon_fsync_p50_us"] = after.get("fsync_p50_us")
     return row
+
+
+def _server_process(peer: Peer) -> Any:
+    """psutil.Process of the server this peer started (None if it has none or psutil is missing)."""
+    pid = getattr(getattr(peer, "server", None), "pid", None)
+    if pid is None:
+        return None
+    try:
+        import psutil
+
+        return psutil.Process(pid)
+    except Exception:  # noqa: BLE001 - no CPU column then, the rest of the row stands
+        return None
+
+
+def _cpu_seconds(proc: Any) -> float:
+    if proc is None:
+        return 0.0
+    t = proc.cpu_times()
+    return float(t.user + t.system)
 
 
 def _walcache_stats(peer: Peer) -> dict[str, Any] | None:
@@ -141,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"{row['store']:>16} {n:>3} clients: {row['puts_per_s']:>9,.0f} puts/s "
                         f"p50 {row['p50_us']:>7.0f} us p99 {row['p99_us']:>7.0f} us"
+                        f" CPU/put server {_us(row['server_cpu_us_per_put'])} client {_us(row['client_cpu_us_per_put'])}"
                         + (f" avg batch {row['avg_batch']:.1f}" if row.get("avg_batch") else ""),
                         flush=True,
                     )
@@ -168,13 +209,16 @@ def main(argv: list[str] | None = None) -> int:
             checks.append((f"{n} clients >= {want:.0f}x Redis always", f"{ratio:.1f}x", ratio >= want))
 
     print()
-    print("| store | clients | puts/s | p50 us | p99 us | records per fdatasync |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| store | clients | puts/s | p50 us | p99 us | server CPU us/put | client CPU us/put | records per fdatasync |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         batch = f"{r['avg_batch']:.1f}" if r.get("avg_batch") else "-"
-        print(f"| {r['store']} | {r['clients']} | {r['puts_per_s']:,.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {batch} |")
+        print(
+            f"| {r['store']} | {r['clients']} | {r['puts_per_s']:,.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} "
+            f"| {_us(r['server_cpu_us_per_put'])} | {_us(r['client_cpu_us_per_put'])} | {batch} |"
+        )
     for peer_id, why in skipped.items():
-        print(f"| {peer_id} | skipped: {why} | | | | |")
+        print(f"| {peer_id} | skipped: {why} | | | | | | |")
     print()
     print(f"fdatasync of this disk: p50 {fsync['p50_us']:.0f} us, p99 {fsync['p99_us']:.0f} us")
     for name, got, ok in checks:
@@ -194,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     }, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
+
+
+def _us(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
 if __name__ == "__main__":

@@ -306,6 +306,8 @@ class Daemon:
         self.namespace = shm_namespace(self.data_dir)
         self.started = time.time()
         self.sel = selectors.DefaultSelector()
+        self._rbuf = bytearray(READ_CHUNK)
+        self._rview = memoryview(self._rbuf)
         self.conns: dict[int, _Conn] = {}
         # Every queued request not yet answered, in arrival order (writes waiting for
         # their group's sync, and the reads and errors queued behind them).
@@ -557,18 +559,20 @@ class Daemon:
     # ---------------------------------------------------------------- reading
 
     def _read(self, conn: _Conn) -> None:
+        # Into one buffer the loop thread reuses: recv(READ_CHUNK) allocated (and then
+        # shrank) a 256 KiB bytes object per call; the decoder copies what it keeps.
         try:
-            data = conn.sock.recv(READ_CHUNK)
+            n = conn.sock.recv_into(self._rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self._close(conn)
             return
         if conn.closing or self.stopping:
             return  # after an error or during shutdown, input is ignored
-        conn.proto.receive_data(data)
+        conn.proto.receive_data(self._rview[:n])
         self._parse_requests(conn)
 
     def _parse_requests(self, conn: _Conn) -> None:
