@@ -343,8 +343,8 @@ _Static_assert(CACHE_WAYS == 2, "cache_validate and cache_store handle exactly t
  * (keys spread evenly over far more than it holds), and each get pays for entry lines and
  * stores that buy nothing; then the next CACHE_BYPASS gets skip it altogether and cost
  * what they cost without it (its entries stay, and it is judged again after). */
-#define CACHE_JUDGE_EVICTIONS 1024
-#define CACHE_BYPASS 65536
+#define CACHE_JUDGE_EVICTIONS 256
+#define CACHE_BYPASS 262144
 #define DOOR_SHIFT 16
 #define DOOR_BITS (1 << DOOR_SHIFT)
 #define DOOR_RESET (DOOR_BITS / 2)
