@@ -180,7 +180,7 @@ class Client(MutableMapping[Key, Any]):
                     raise ConnectionResetError("daemon closed the connection")
                 proto.receive_data(self._rview[:n])
                 reply = proto.next_reply()
-        except (BlockingIOError, socket.timeout):
+        except (BlockingIOError, TimeoutError):
             # SO_RCVTIMEO ran out: recv fails with EAGAIN on the blocking socket.
             self._drop_socket()
             raise WalcacheTimeout(
