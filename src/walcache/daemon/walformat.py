@@ -164,6 +164,7 @@ manifest's :data:`MANIFEST_VERSION`.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 import zlib
@@ -297,6 +298,7 @@ def _pad8(n: int) -> int:
     return (n + 7) & ~7
 
 
+@functools.lru_cache(maxsize=64)  # a constant per segment, asked for at every record
 def chain_value(salt: int) -> int:
     """V for a salt: ``crc32(record, V) == V`` for every valid record (and run of records)."""
     return RESIDUE ^ zlib.crc32(CRC_TRAILER.pack(salt)) ^ _ZERO_WORD_CRC
