@@ -5,8 +5,8 @@
 
 One process builds the shared table (10-byte keys, 100-byte values, as bench_get.py) and
 can rewrite random keys at full speed (in place: same size). A second process measures,
-over the same key sequence, interleaved round by round so that machine noise hits all
-rows alike:
+over the same key sequence, interleaved round by round (in a new seeded order each
+round) so that machine noise and the state one row leaves behind hit all rows alike:
 
 - ``dict.get``: an in-process dict of the same keys and values (the floor);
 - ``ShmReader.lookup``: the pure-Python reader (the reference);
@@ -131,16 +131,21 @@ def _batched_pass_ns(fn: Callable[[Any], Any], batches: list[list[Any]], n: int)
 
 
 def _measure(
-    variants: dict[str, Callable[[], float]], rounds: int
+    variants: dict[str, Callable[[], float]], rounds: int, seed: int
 ) -> tuple[dict[str, dict[str, float]], int]:
     per: dict[str, list[float]] = {name: [] for name in variants}
     contended = 0
     names = list(variants)
+    rng = random.Random(seed)
     gc.disable()
     try:
         for rnd in range(rounds):
-            # Rotate the order: no row always runs right after another one warmed the cache.
-            order = names[rnd % len(names) :] + names[: rnd % len(names)]
+            # A new order every round: a row that always ran after the same other row
+            # would inherit its caches and TLB state (the pure-Python reader maps the
+            # segment at other addresses than the C reader: a C row right after it paid
+            # for that, by as much as 80 ns a get, before the order was shuffled).
+            order = names[:]
+            rng.shuffle(order)
             for name in order:
                 for _ in range(3):
                     try:
@@ -226,7 +231,7 @@ def _reader(
         if writer:
             assert conn.recv() == "writer on"
         for dist, seq in seqs.items():
-            figures, contended = _measure(variants(seq), rounds)
+            figures, contended = _measure(variants(seq), rounds, seed + len(results))
             results[f"{dist}, {'writer' if writer else 'quiet'}"] = {"rows": figures, "contended_passes": contended}
         conn.send("done")
     results["c_reader_counters"] = {"retries": c.retries, "remaps": c.remaps, "contended": c.contended,
