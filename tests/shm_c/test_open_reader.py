@@ -34,6 +34,13 @@ def table(namespace: str) -> Iterator[ShmTable]:
     t.close(unlink=True)
 
 
+@pytest.mark.skipif(os.environ.get("WALCACHE_REQUIRE_C") != "1", reason="WALCACHE_REQUIRE_C=1 is not set")
+def test_the_compiled_reader_is_built_where_it_is_required() -> None:
+    """CI sets WALCACHE_REQUIRE_C=1: there a missing or stale build must fail the run, not
+    quietly skip every compiled-reader test."""
+    assert extension is not None, f"the compiled reader is not usable: {extension_error}"
+
+
 def _compiler() -> str | None:
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     return shutil.which(cc)
