@@ -132,22 +132,25 @@ Writer, overwrite with the same chunk size (in place):
 Writer, insert or overwrite with another chunk size (out of place, chunk ``c``):
   W1. ``Q[c] = s + 1`` (odd)
   W2. write lens, expiry_vflag, seqno, key, value into chunk c
+  W3a. if there was an old chunk o: ``Q[o] = t + 1`` (odd; t its seq)
   W3. store the slot word ``S[i] = (H >> 32) << 32 | c`` (one aligned 8-byte store)
   W4. ``Q[c] = s + 2`` (even)
-  W5. if there was an old chunk o: ``Q[o] += 2`` (even to even: its content is no longer
-      the key's current record), then put it on its free list
+  W5. if there was an old chunk o: ``Q[o] = t + 2`` (even), then put it on its free list
+  The old version stops validating (W3a) before the new one can be seen (W3), so no read
+  that starts after some reader saw the new version can validate the old one.
   The slot is stored while c is still odd, so a reader can only ever find an even
   record of key K at c after the slot pointed to it: a consistent copy is a version
   that was published.
 
-Writer, delete: ``S[i] = TOMBSTONE``, then free the chunk (``Q[w] += 2``, as W5).
+Writer, delete: ``Q[w] = t + 1``, ``S[i] = TOMBSTONE``, ``Q[w] = t + 2``, then free the
+chunk (as W3a, W3, W5).
 
 So within a segment a record's (w, seq) changes whenever what it means changes: it is
 rewritten (W1/W3), or no slot names it any more (W5). A reader that once validated
 "key K lives at w, seq s" (R5 passed and S[i] still held x after it) may answer K from
 (w, s) for as long as ``Q[w] == s`` and the header's ``stale`` is 0, without probing:
 the compiled reader's result cache does (_creader.c). Version 1 freed chunks without
-the bump, which is why version 2 readers refuse version 1 segments.
+touching their seq, which is why version 2 readers refuse version 1 segments.
 
 Writer, new segment (growth, compaction, new daemon): build it completely (nobody maps
 it yet), publish it in the control segment (ctl seq odd, fields, ctl seq even), set the
@@ -194,8 +197,11 @@ Hardware assumptions (x86-64 only)
 - Elsewhere (aarch64, ...) loads may pass loads and stores may pass stores, which pure
   Python cannot fence: LOCK_FREE_OK is False there, ShmReader refuses lock-free reads
   (``ShmReader.lock_free_ok`` is False and reads raise TableUnavailable) and the client
-  reads through the daemon. A compiled reader with C11 acquire loads and an acquire
-  fence before the seq re-read (the kernel's read_seqcount_retry) is correct anywhere.
+  reads through the daemon. The compiled reader orders its own loads anywhere (C11
+  acquire loads, an acquire fence before the seq re-read: the kernel's
+  read_seqcount_retry), but that is only half of a seqlock: the writer is Python and
+  cannot order its stores (W1 before W2, W3a before W3, W3 before W5) off x86-64, so
+  there the client reads through the daemon whichever reader is built.
 
 Any change here bumps LAYOUT_VERSION.
 """

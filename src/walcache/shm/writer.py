@@ -161,9 +161,8 @@ class _Segment:
         self.committed = new
 
     def release(self, w: int, nw: int) -> None:
-        # W5: no slot names the chunk any more; its seq moves on (even to even) so that a
-        # reader holding "this key lives at (w, seq)" sees the chunk is no longer it.
-        self.q[w] += 2
+        # The caller already retired the chunk (its seq went odd before its slot moved
+        # and even again after: layout.py W3a/W5); from here on it is private memory.
         self.free.setdefault(nw, []).append(w)
         self.free_words += nw
 
@@ -172,6 +171,29 @@ class _Segment:
         self.q.release()
         self.mm.close()
         os.close(self.fd)
+
+
+# Layouts whose data segments this writer can retire: the header's stale word, the index
+# geometry and the MOVED slot value are the same in all of them (layout.py).
+RETIRABLE_LAYOUT_VERSIONS = (1, LAYOUT_VERSION)
+
+
+def _named_by_older_ctl(name: str) -> str:
+    """The data segment a control segment of an older layout (same size and fields) names."""
+    try:
+        shm = posix_ipc.SharedMemory(name)
+    except posix_ipc.ExistentialError:
+        return ""
+    try:
+        if shm.size != CTL_SIZE:
+            return ""
+        with mmap.mmap(shm.fd, CTL_SIZE, prot=mmap.PROT_READ) as mm:
+            magic, version, _seq, _gen, _size, n, raw = CTL_STRUCT.unpack_from(mm, 0)
+    finally:
+        shm.close_fd()
+    if magic != CTL_MAGIC or version not in RETIRABLE_LAYOUT_VERSIONS or not 0 < n <= MAX_NAME_BYTES:
+        return ""
+    return bytes(raw[:n]).decode("ascii", "replace")
 
 
 class ShmTable:
@@ -190,6 +212,9 @@ class ShmTable:
         self._seg: _Segment | None = None
         self._ctl: mmap.mmap | None = None
         self._ctlq: memoryview | None = None
+        # The data segment a control segment of an older layout named when _open_ctl
+        # replaced it: publish() retires it, so that readers of that layout move off it.
+        self._older_layout_segment = ""
         self._published = False
         self._generation = 0
         self._live = 0
@@ -384,7 +409,7 @@ class ShmTable:
             if not c:
                 self._rebuild(extra_words=nw)
                 return self.put(key, vflag, value, seqno, expiry_ms)
-            self._write_new(seg, c, i, h, key, vflag, value, seqno, expiry_ms)
+            self._write_new(seg, c, i, h, key, vflag, value, seqno, expiry_ms, old=w)
             seg.release(w, old_nw)
             self._live_words += nw - old_nw
         else:
@@ -526,6 +551,12 @@ class ShmTable:
         self._published = True
         if previous and previous != seg.name:
             self._retire_by_name(previous)
+        if self._older_layout_segment:
+            # Readers of the older layout see MOVED, find the control segment of this
+            # layout under the same name and refuse it with a clear error (their client
+            # then reads through the daemon) instead of reading a frozen table forever.
+            self._retire_by_name(self._older_layout_segment)
+            self._older_layout_segment = ""
         log.info(
             "published shm table %s (generation %d, %d keys, %d slots, %d bytes)",
             seg.name, ctlq[C_GENERATION], self._live, seg.capacity, seg.size,
@@ -626,7 +657,17 @@ class ShmTable:
         q[w] = s + 2  # W3
 
     def _write_new(
-        self, seg: _Segment, c: int, i: int, h: int, key: bytes, vflag: int, value: bytes, seqno: int, expiry_ms: int
+        self,
+        seg: _Segment,
+        c: int,
+        i: int,
+        h: int,
+        key: bytes,
+        vflag: int,
+        value: bytes,
+        seqno: int,
+        expiry_ms: int,
+        old: int = 0,
     ) -> None:
         q = seg.q
         s = q[c]
@@ -636,12 +677,21 @@ class ShmTable:
         q[c + R_SEQNO] = seqno
         a = 8 * c + REC_HEADER_SIZE
         seg.mm[a : a + len(key) + len(value)] = key + value
+        if old:
+            so = q[old]
+            q[old] = so + 1  # W3a: the old version stops validating before the new one shows
         seg.slots[i] = (h & FP_MASK) | c  # W3: published while c is still odd
         q[c] = s + 2  # W4
+        if old:
+            q[old] = so + 2  # W5
 
     def _remove(self, seg: _Segment, i: int, w: int) -> None:
-        nw = chunk_words(seg.q[w + R_LENS] >> 32, seg.q[w + R_LENS] & LOC_MASK)
+        q = seg.q
+        nw = chunk_words(q[w + R_LENS] >> 32, q[w + R_LENS] & LOC_MASK)
+        s = q[w]
+        q[w] = s + 1  # the record stops validating before the key is gone (as W3a)
         seg.slots[i] = TOMBSTONE
+        q[w] = s + 2  # as W5
         seg.release(w, nw)
         self._live -= 1
         self._tombstones += 1
@@ -752,7 +802,7 @@ class ShmTable:
             capacity, index_off = hdr[5], hdr[6]
             if (
                 hdr[0] == DATA_MAGIC
-                and hdr[1] == LAYOUT_VERSION
+                and hdr[1] in RETIRABLE_LAYOUT_VERSIONS
                 and hdr[4] == len(mm)
                 and capacity >= MIN_CAPACITY
                 and capacity & (capacity - 1) == 0
@@ -791,8 +841,10 @@ class ShmTable:
             shm.close_fd()
             if not ok:
                 # Never truncate or rewrite a segment of another layout in place: old
-                # readers may map it. Unlink it; they keep their mapping.
+                # readers may map it. Unlink it; they keep their mapping, and publish()
+                # retires the data segment it named if its layout is one we can mark.
                 log.warning("control segment %s has another size or layout: replacing it", name)
+                self._older_layout_segment = _named_by_older_ctl(name)
                 shm.unlink()
                 shm = None
         if shm is None:
