@@ -199,3 +199,32 @@ def test_a_cache_that_does_not_pay_is_bypassed_for_a_while(namespace: str) -> No
             r.close()
     finally:
         t.close(unlink=True)
+
+
+def test_a_key_whose_eq_runs_python_cannot_pull_the_cache_from_under_get_many(
+    table: ShmTable, reader: CReader  # noqa: F811
+) -> None:
+    """Inserting a cached answer into the result may compare the key with an equal one
+    already there whose __eq__ is Python; here that __eq__ empties the cache (a remap
+    would) while later keys of the same group were answered from it."""
+    for k in ["a", "b"] + [f"f{i}" for i in range(31)]:
+        put(table, k, b"v-" + k.encode())
+    for _ in range(3):
+        reader.lookup("a"), reader.lookup("b")  # admitted: both cached
+
+    class Key(str):
+        __hash__ = str.__hash__
+
+        def __eq__(self, other: object) -> bool:
+            reader._detach()  # frees the result cache's entries
+            return str.__eq__(self, other)
+
+    # The first group (32 keys) ends with Key("a") in the dict; the second group's "a" and
+    # "b" are answered by the cache, and inserting "a" runs Key.__eq__.
+    keys: list[Any] = [Key("a")] + [f"f{i}" for i in range(31)] + ["a", "b"]
+    try:
+        got = reader.get_many(keys)
+    except Exception as exc:  # noqa: BLE001 - a clean error is acceptable, a crash is not
+        assert "closed" in str(exc), exc
+    else:
+        assert got["b"] == b"v-b" and got["a"] == b"v-a"

@@ -19,7 +19,9 @@
  *   - an acquire fence precedes the re-read of the seq (R5), so every read of the
  *     section is ordered before it.
  * On x86-64 all of this compiles to plain moves; on aarch64 the same source emits the
- * barriers pure Python cannot, which is why this reader is lock-free everywhere.
+ * barriers a load side needs. The store side is the daemon's Python writer, which cannot
+ * order its stores off x86-64: there walcache.shm.creader.open_reader does not use this
+ * reader (see layout.py, "Hardware assumptions").
  *
  * Which segment to read is decided in Python (the subclass in creader.py composes the
  * pure-Python ShmReader: control segment, remapping, writer liveness). This module maps
@@ -1301,6 +1303,7 @@ reader_get_many(Reader *r, PyObject *keys)
     uint64_t hs[BATCH];
     Py_hash_t ph[BATCH];
     struct cache_entry *ce[BATCH];
+    PyObject *hit[BATCH]; /* owned: the cache's answers, until they go into the dict */
     int todo[BATCH]; /* the keys of the group the result cache did not answer */
     int nk = 0, nit = 0;
     if (out == NULL)
@@ -1343,17 +1346,26 @@ reader_get_many(Reader *r, PyObject *keys)
         }
         for (int j = 0; j < nk; j++) {
             /* No promotion: another key of the group may hold the other way's entry. */
-            PyObject *v = ce[j] == NULL ? NULL : cache_validate(r, ce[j], 0);
-            if (v != NULL) {
-                /* ph is the key's own hash (the cache serves exact str, bytes, int only) */
-                int bad = _PyDict_SetItem_KnownHash(out, it[j], v, ph[j]) < 0;
-                Py_DECREF(v);
-                if (bad)
-                    goto fail;
-                continue;
+            hit[j] = ce[j] == NULL ? NULL : cache_validate(r, ce[j], 0);
+            if (hit[j] == NULL) {
+                hs[j] = xxh64(k[j].p, (size_t)k[j].n, 0);
+                todo[nt++] = j;
             }
-            hs[j] = xxh64(k[j].p, (size_t)k[j].n, 0);
-            todo[nt++] = j;
+        }
+        /* Only now, with no entry pointer held: inserting may compare the key with one
+         * already in the dict whose type has a Python __eq__, which can run anything
+         * (a remap, in this thread or another, frees the entries). */
+        for (int j = 0; j < nk; j++) {
+            if (hit[j] == NULL)
+                continue;
+            /* ph is the key's own hash (the cache serves exact str, bytes, int only) */
+            int bad = _PyDict_SetItem_KnownHash(out, it[j], hit[j], ph[j]) < 0;
+            Py_CLEAR(hit[j]);
+            if (bad) {
+                for (int m = j + 1; m < nk; m++)
+                    Py_CLEAR(hit[m]);
+                goto fail;
+            }
         }
         if (!r->attached) {
             PyErr_SetString(TableUnavailable, "the reader was closed");
