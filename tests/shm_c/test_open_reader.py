@@ -72,6 +72,20 @@ def test_walcache_pure_python_selects_the_reference_reader(table: ShmTable, monk
             assert r.lookup("k") == {"v": 1}
 
 
+@requires_c
+def test_off_x86_64_even_the_compiled_reader_is_not_used(table: ShmTable, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer is Python: its stores are ordered only under x86-64's rules, so a
+    lock-free reader of any kind is unsafe elsewhere; the client reads through the daemon."""
+    import walcache.shm.layout as layout_mod
+    import walcache.shm.reader as reader_mod
+
+    monkeypatch.delenv("WALCACHE_PURE_PYTHON", raising=False)
+    monkeypatch.setattr(layout_mod, "LOCK_FREE_OK", False)  # what an aarch64 host computes
+    monkeypatch.setattr(reader_mod, "LOCK_FREE_OK", False)
+    with open_reader(table.namespace) as r:
+        assert not isinstance(r, CReader) and r.kind == "daemon" and not r.lock_free_ok
+
+
 def test_the_pure_python_reader_says_daemon_where_lock_free_reads_are_refused(table: ShmTable) -> None:
     with PyReader(table.namespace) as r:
         r.lock_free_ok = False  # what layout.LOCK_FREE_OK gives off x86-64

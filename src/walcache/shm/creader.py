@@ -7,17 +7,17 @@
     ``_creader.c`` by ``pip install``; optional). Its ``lookup``, ``get``, ``get_many``
     and ``contains`` are C methods that follow the reader steps R1-R7 of
     :mod:`walcache.shm.layout` with C11 atomics (an acquire load of the seq, relaxed
-    loads of every other word, an acquire fence before the seq is re-read), so they are
-    correct on any architecture, not only under x86-64 ordering. ``lookup`` is one C
-    call: the client binds it as its ``get``.
+    loads of every other word, an acquire fence before the seq is re-read). ``lookup``
+    is one C call: the client binds it as its ``get``. Used on x86-64 only: the
+    daemon's writer is Python and orders its stores only under x86-64's rules.
 ``kind == "python"``
     :class:`PyReader`, the pure-Python :class:`~walcache.shm.reader.ShmReader` (the
     reference), when ``WALCACHE_PURE_PYTHON=1`` is set, or the extension is missing
     (installed without a compiler) or built for another layout version.
 ``kind == "daemon"``
-    The same PyReader where neither the extension nor x86-64 ordering is available:
-    its ``lock_free_ok`` is False and the client reads through the daemon (correct
-    before fast).
+    The PyReader where x86-64 ordering is not available (``layout.LOCK_FREE_OK``),
+    built extension or not: its ``lock_free_ok`` is False and the client reads through
+    the daemon (correct before fast).
 
 The compiled reader composes a ShmReader rather than repeating it: the ShmReader
 reads the control segment, finds and validates the current data segment, remaps when
@@ -273,8 +273,13 @@ def open_reader(namespace: str) -> Reader:
 
     The compiled reader unless ``WALCACHE_PURE_PYTHON=1`` or it is not built; else the
     pure-Python one, whose ``kind`` is "daemon" (``lock_free_ok`` False) where x86-64
-    ordering cannot be assumed. Raises TableUnavailable as ShmReader does.
+    ordering cannot be assumed: the writer's stores are only ordered there, so not even
+    the compiled reader may read lock-free elsewhere. Raises TableUnavailable as
+    ShmReader does.
     """
+    if not layout.LOCK_FREE_OK:
+        log.debug("no x86-64 store ordering from the writer here: reads go through the daemon")
+        return PyReader(namespace)
     if os.environ.get("WALCACHE_PURE_PYTHON", "") not in ("", "0"):
         log.debug("WALCACHE_PURE_PYTHON is set: using the pure-Python reader")
         return PyReader(namespace)
