@@ -1306,6 +1306,7 @@ reader_get_many(Reader *r, PyObject *keys)
     PyObject *hit[BATCH]; /* owned: the cache's answers, until they go into the dict */
     int todo[BATCH]; /* the keys of the group the result cache did not answer */
     int nk = 0, nit = 0;
+    int foreign = 0; /* the result holds a key whose type is not exact str, bytes or int */
     if (out == NULL)
         goto fail;
     for (Py_ssize_t start = 0; start < PySequence_Fast_GET_SIZE(seq); start += BATCH) {
@@ -1344,6 +1345,13 @@ reader_get_many(Reader *r, PyObject *keys)
                 PREFETCH(ce[j]->value);
             }
         }
+        /* Inserting a cached answer may compare its key with an equal one already in the
+         * dict. Among exact str, bytes and int keys that runs no Python code; once the
+         * dict holds a key of another type (`foreign`), its __eq__ may run anything (a
+         * remap frees the entries): then the answers are taken first and inserted only
+         * after every entry of the group was checked. ph is the key's own hash (the
+         * cache serves exact str, bytes and int keys only). */
+        int bad = 0;
         for (int j = 0; j < nk; j++) {
             /* No promotion: another key of the group may hold the other way's entry. */
             hit[j] = ce[j] == NULL ? NULL : cache_validate(r, ce[j], 0);
@@ -1351,22 +1359,18 @@ reader_get_many(Reader *r, PyObject *keys)
                 hs[j] = xxh64(k[j].p, (size_t)k[j].n, 0);
                 todo[nt++] = j;
             }
-        }
-        /* Only now, with no entry pointer held: inserting may compare the key with one
-         * already in the dict whose type has a Python __eq__, which can run anything
-         * (a remap, in this thread or another, frees the entries). */
-        for (int j = 0; j < nk; j++) {
-            if (hit[j] == NULL)
-                continue;
-            /* ph is the key's own hash (the cache serves exact str, bytes, int only) */
-            int bad = _PyDict_SetItem_KnownHash(out, it[j], hit[j], ph[j]) < 0;
-            Py_CLEAR(hit[j]);
-            if (bad) {
-                for (int m = j + 1; m < nk; m++)
-                    Py_CLEAR(hit[m]);
-                goto fail;
+            else if (!foreign && !bad) {
+                bad = _PyDict_SetItem_KnownHash(out, it[j], hit[j], ph[j]) < 0;
+                Py_CLEAR(hit[j]);
             }
         }
+        for (int j = 0; j < nk; j++) {
+            if (hit[j] != NULL && !bad)
+                bad = _PyDict_SetItem_KnownHash(out, it[j], hit[j], ph[j]) < 0;
+            Py_CLEAR(hit[j]);
+        }
+        if (bad)
+            goto fail;
         if (!r->attached) {
             PyErr_SetString(TableUnavailable, "the reader was closed");
             goto fail;
@@ -1394,9 +1398,11 @@ reader_get_many(Reader *r, PyObject *keys)
                 PyObject *v = decode_value(&o);
                 if (v != NULL && o.live)
                     cache_store(r, epoch, ph[j], k[j].p, k[j].n, o.w, o.seq, v, o.vlen);
-                int bad = v == NULL || PyDict_SetItem(out, it[j], v) < 0;
+                PyTypeObject *kt = Py_TYPE(it[j]);
+                foreign |= kt != &PyUnicode_Type && kt != &PyBytes_Type && kt != &PyLong_Type;
+                int failed = v == NULL || PyDict_SetItem(out, it[j], v) < 0;
                 Py_XDECREF(v);
-                if (bad)
+                if (failed)
                     rc = ERROR;
             }
             copy_free(&o);
