@@ -11,22 +11,17 @@ the new state became visible fails this. Seeded; replay with WALCACHE_TEST_SEED=
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import struct
 import time
-from collections.abc import Iterator
 from multiprocessing.process import BaseProcess
 from typing import Any
-
-import pytest
 
 from walcache.codec import encode_key
 from walcache.shm import ShmTable
 from walcache.shm.creader import CReader
 
-from shm.test_torture import _ctx, _seed
+from shm.test_torture import _ctx, _seed, procs  # noqa: F401 - procs is a fixture
 
 from .helpers import requires_c
 
@@ -101,16 +96,6 @@ def _reader(namespace: str, seed: int, ready: Any, stop: Any, out: Any) -> None:
                 seen(k, "lookup", r.lookup(f"k{k}"))
     out.put({"role": "reader", "reads": reads, "misses": misses, "bad": bad, "cache_hits": r.cache_hits})
     r.close()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[BaseProcess]]:
-    started: list[BaseProcess] = []
-    yield started
-    for p in started:
-        if p.is_alive() and p.pid is not None:
-            os.kill(p.pid, signal.SIGKILL)
-        p.join(10)
 
 
 def test_no_read_returns_a_version_older_than_one_already_seen(namespace: str, procs: list[BaseProcess]) -> None:
