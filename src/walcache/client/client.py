@@ -351,10 +351,19 @@ class Client(MutableMapping[Key, Any]):
         return bool(self._call("ping") == "pong")
 
     def stats(self) -> dict[str, Any]:
-        """The daemon's figures, plus this client's reader."""
+        """The daemon's figures, plus this client's reader: ``reader`` says which one runs
+        ("c", "python" or "daemon"); with the compiled reader, ``reader_counters`` are this
+        client's own: failed seqlock validations (``retries``), table moves followed
+        (``remaps``), reads handed to the daemon after the retry bounds (``contended``) and
+        gets answered by its result cache (``cache_hits``)."""
         stats: dict[str, Any] = self._call("stats")
-        if self._reader is not None:
+        reader = self._reader
+        if reader is not None:
             stats["reader"] = self._reader_kind()
+            if stats["reader"] == "c":
+                stats["reader_counters"] = {
+                    name: getattr(reader, name) for name in ("retries", "remaps", "contended", "cache_hits")
+                }
         return stats
 
     def _reader_kind(self) -> str:
