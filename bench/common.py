@@ -43,6 +43,23 @@ def psi_cpu() -> str | None:
         return None
 
 
+def filesystem_of(path: str | Path) -> str:
+    """The filesystem ``path`` is on ("ext4 on /dev/vda mounted at /"): what a disk figure
+    depends on, rather than the path itself."""
+    best = ("", "?")
+    try:
+        real = os.path.realpath(path)
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")):
+                if len(parts[1]) >= len(best[0]):
+                    best = (parts[1], f"{parts[2]} on {parts[0]} mounted at {parts[1]}")
+    except OSError:
+        pass
+    return best[1]
+
+
+
 def disk_machine(base: Path) -> dict[str, Any]:
     """The ``machine`` record of the disk benchmarks (wal, compaction, restart);
     the caller adds ``psi_cpu_after`` when it is done."""
@@ -50,7 +67,7 @@ def disk_machine(base: Path) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
-        "dir": str(base.resolve()),
+        "filesystem": filesystem_of(base),
         "psi_cpu_before": psi_cpu(),
     }
 

@@ -173,7 +173,7 @@ def machine_info() -> dict[str, Any]:
         "python_implementation": platform.python_implementation(),
         "loadavg_at_start": list(os.getloadavg()),
         "temp_dir": tempfile.gettempdir(),
-        "temp_dir_filesystem": _filesystem_of(tempfile.gettempdir()),
+        "temp_dir_filesystem": common.filesystem_of(tempfile.gettempdir()),
     }
     try:
         import psutil
@@ -201,20 +201,6 @@ def busy_cpu_percent(seconds: float) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return round(100.0 * (b1 - b0) / max(t1 - t0, 1), 1)
-
-
-def _filesystem_of(path: str) -> str:
-    best = ("", "?")
-    try:
-        real = os.path.realpath(path)
-        for line in Path("/proc/mounts").read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")):
-                if len(parts[1]) >= len(best[0]):
-                    best = (parts[1], f"{parts[2]} on {parts[0]} mounted at {parts[1]}")
-    except OSError:
-        pass
-    return best[1]
 
 
 def harness_floor_ns() -> dict[str, float]:
