@@ -17,6 +17,7 @@ import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from walcache import ReadContention
 from walcache.codec import encode_key
 from walcache.shm import ShmTable
 from walcache.shm.creader import CReader
@@ -68,7 +69,7 @@ def _reader(namespace: str, seed: int, ready: Any, stop: Any, out: Any) -> None:
     ready.wait(30)
     r = CReader(namespace)
     floor = [0] * KEYS  # no answer for key k may be older than this any more
-    reads = misses = 0
+    reads = misses = contention = 0
     bad: list[str] = []
 
     def seen(k: int, how: str, value: bytes | None) -> None:
@@ -88,13 +89,19 @@ def _reader(namespace: str, seed: int, ready: Any, stop: Any, out: Any) -> None:
     while not stop.is_set() and len(bad) < 5:
         for n in range(300):
             k = rng.randrange(KEYS)
-            got = r.get(encode_key(f"k{k}"))
-            seen(k, "get (full protocol)", None if got is None else got[1])
-            if n % 4 == 3:
-                seen(k, "get_many", r.get_many([f"k{k}"]).get(f"k{k}"))
-            else:
-                seen(k, "lookup", r.lookup(f"k{k}"))
-    out.put({"role": "reader", "reads": reads, "misses": misses, "bad": bad, "cache_hits": r.cache_hits})
+            try:
+                got = r.get(encode_key(f"k{k}"))
+                seen(k, "get (full protocol)", None if got is None else got[1])
+                if n % 4 == 3:
+                    seen(k, "get_many", r.get_many([f"k{k}"]).get(f"k{k}"))
+                else:
+                    seen(k, "lookup", r.lookup(f"k{k}"))
+            except ReadContention:
+                # The writer was descheduled mid-write past the retry bounds (a client then
+                # asks the daemon): no answer, so nothing to check; counted, must stay rare.
+                contention += 1
+    out.put({"role": "reader", "reads": reads, "misses": misses, "bad": bad, "cache_hits": r.cache_hits,
+             "contention": contention})  # fmt: skip
     r.close()
 
 
@@ -109,7 +116,10 @@ def test_no_read_returns_a_version_older_than_one_already_seen(namespace: str, p
     r = _ctx.Process(target=_reader, args=(namespace, seed + 1, ready, stop, out), daemon=True)
     procs.append(r)
     r.start()
-    time.sleep(SECONDS)
+    deadline = time.monotonic() + SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        assert all(p.is_alive() for p in procs), f"seed={seed}: a process died: {[p.exitcode for p in procs]}"
     stop.set()
     res = {}
     for _ in range(2):
@@ -121,4 +131,5 @@ def test_no_read_returns_a_version_older_than_one_already_seen(namespace: str, p
     assert not reader["bad"], f"seed={seed}: reads went back in time: {reader['bad']} ({writer})"
     # The run proves something only if the cache answered and keys moved and went away meanwhile.
     assert reader["cache_hits"] > 1000 and reader["misses"] > 0, f"seed={seed}: {reader}"
+    assert reader["contention"] <= reader["reads"] // 100, f"seed={seed}: too much contention: {reader}"
     assert writer["moves"] > 1000 and writer["deletes"] > 100, f"seed={seed}: {writer}"
