@@ -250,7 +250,13 @@ class Client(MutableMapping[Key, Any]):
         try:
             return self._fast_get(key, default)
         except ReadContention:
-            return self._get_via_daemon(key, default)
+            try:
+                return self._get_via_daemon(key, default)
+            except DaemonUnavailable:
+                # The daemon went away while we asked it (killed, or stopping): the
+                # write that held the record is over or never will be, so read the table
+                # again; a record left half-written says so itself (TableUnavailable).
+                return self._fast_get(key, default)
         except TableUnavailable as exc:
             # E.g. the daemon was killed in the middle of writing this key's record:
             # a restarted daemon may already answer (and has published a new table).
