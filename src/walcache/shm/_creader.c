@@ -495,7 +495,10 @@ cacheable(PyObject *v, uint64_t vlen)
 }
 
 /* Remember v as the value of kb, read from record w at seq under r->epoch == epoch.
- * Dropping an evicted entry frees only immutable built-ins: no Python code runs here. */
+ * Dropping an evicted entry frees only immutable built-ins: no Python code runs here.
+ * The epoch test is what keeps (w, seq) of one mapping out of another's cache. Today a
+ * remap also frees the admission bits, so such a store would only mark its key (no test
+ * can reach the entry write without it); the epoch test does not rely on that. */
 static void
 cache_store(Reader *r, uint64_t epoch, Py_hash_t ph, const uint8_t *kb, Py_ssize_t klen, uint64_t w,
             uint64_t seq, PyObject *v, uint64_t vlen)
