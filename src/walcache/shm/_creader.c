@@ -1220,17 +1220,24 @@ reader_lookup(Reader *r, PyObject *const *args, Py_ssize_t nargs)
     return res;
 }
 
+/* find() for an already encoded key (bytes): the methods below that take one. */
+static int
+find_encoded(Reader *r, PyObject *kb, int want, copy_out *o)
+{
+    const uint8_t *p;
+    Py_ssize_t n;
+    copy_init(o, want);
+    if (check_encoded(kb, &p, &n) < 0)
+        return ERROR;
+    return find(r, p, n, xxh64(p, (size_t)n, 0), o);
+}
+
 /* get(encoded_key) -> (vflag, bytes) | None */
 static PyObject *
 reader_get(Reader *r, PyObject *kb)
 {
-    const uint8_t *p;
-    Py_ssize_t n;
-    if (check_encoded(kb, &p, &n) < 0)
-        return NULL;
     copy_out o;
-    copy_init(&o, WANT_BYTES);
-    int rc = find(r, p, n, xxh64(p, (size_t)n, 0), &o);
+    int rc = find_encoded(r, kb, WANT_BYTES, &o);
     PyObject *res = NULL;
     if (rc == FOUND) {
         PyObject *vflag = PyLong_FromLong(o.vflag);
@@ -1249,13 +1256,8 @@ reader_get(Reader *r, PyObject *kb)
 static PyObject *
 reader_get_entry(Reader *r, PyObject *kb)
 {
-    const uint8_t *p;
-    Py_ssize_t n;
-    if (check_encoded(kb, &p, &n) < 0)
-        return NULL;
     copy_out o;
-    copy_init(&o, WANT_BYTES);
-    int rc = find(r, p, n, xxh64(p, (size_t)n, 0), &o);
+    int rc = find_encoded(r, kb, WANT_BYTES, &o);
     PyObject *res = NULL;
     if (rc == FOUND)
         res = Py_BuildValue("(iOKK)", (int)o.vflag, o.bytes, (unsigned long long)o.seqno,
@@ -1269,13 +1271,8 @@ reader_get_entry(Reader *r, PyObject *kb)
 static PyObject *
 reader_contains(Reader *r, PyObject *kb)
 {
-    const uint8_t *p;
-    Py_ssize_t n;
-    if (check_encoded(kb, &p, &n) < 0)
-        return NULL;
     copy_out o;
-    copy_init(&o, WANT_NOTHING);
-    int rc = find(r, p, n, xxh64(p, (size_t)n, 0), &o);
+    int rc = find_encoded(r, kb, WANT_NOTHING, &o);
     copy_free(&o);
     if (rc == ERROR)
         return NULL;
