@@ -37,7 +37,6 @@ import datetime as _dt
 import json
 import multiprocessing as mp
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,14 +46,12 @@ from typing import Any
 
 from walcache.client import Client
 from walcache.codec import encode_key
-from walcache.errors import WalcacheError
 from walcache.daemon.recovery import open_log
 from walcache.daemon.walformat import OP_PUT
 from walcache.paths import shm_namespace
 
 import common
 
-NEVER_COMPACT = str(10**15)  # --compact-min-bytes: no automatic compaction in the restart runs
 
 PARSE_CHILD = r"""
 import json, sys, time
@@ -68,52 +65,6 @@ assert problem is None, problem
 print(json.dumps({"seconds": time.perf_counter() - t0, "check_seconds": load.check_seconds,
                   "entries": load.entries}))
 """
-
-
-class Daemon:
-    def __init__(self, data_dir: Path, sock: Path, *args: str) -> None:
-        self.data_dir, self.sock, self.args = data_dir, sock, list(args)
-        self.log_path = data_dir.parent / f"{data_dir.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> float:
-        """Start it; seconds until it answers stats."""
-        cmd = [sys.executable, "-m", "walcache", "serve", "--data-dir", str(self.data_dir),
-               "--socket", str(self.sock), *self.args]
-        with open(self.log_path, "ab") as logf:
-            t0 = time.perf_counter()
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
-        deadline = time.monotonic() + 600
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                with Client(self.sock, timeout=5) as c:
-                    if c.stats()["pid"] == self.proc.pid:
-                        return time.perf_counter() - t0
-            except WalcacheError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"daemon not ready: {self.log_tail()}")
-            time.sleep(0.005)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def client(self, timeout: float = 60) -> Client:
-        return Client(self.sock, timeout=timeout)
 
 
 def _fill(c: Client, n: int) -> None:
@@ -152,7 +103,7 @@ def _loader(sock: str, nkeys: int, seed: int, stop: Any, out: Any) -> None:
 
 
 def bench_latency(work: Path, nkeys: int, clients: int, rounds: int, quiet_s: float) -> dict[str, Any]:
-    d = Daemon(work / "lat", work / "lat.sock", "--fsync", "always", "--compact-min-bytes", NEVER_COMPACT)
+    d = common.Daemon(work / "lat", work / "lat.sock", "--fsync", "always", "--compact-min-bytes", common.NEVER_COMPACT)
     d.start()
     windows: list[tuple[float, float]] = []
     compactions: list[dict[str, Any]] = []
@@ -243,7 +194,7 @@ _OPEN_LINE = re.compile(r"log open: (\d+) records .*? in ([\d.]+) s;")
 _RECOVERED = re.compile(r"recovered (\d+) records .*? into (\d+) keys in ([\d.]+) s")
 
 
-def _last_start_breakdown(d: Daemon) -> dict[str, Any]:
+def _last_start_breakdown(d: common.Daemon) -> dict[str, Any]:
     text = d.log_tail(20000)
     out: dict[str, Any] = {}
     snaps = _SNAP_LINE.findall(text)
@@ -260,7 +211,7 @@ def _last_start_breakdown(d: Daemon) -> dict[str, Any]:
     return out
 
 
-def _restarts(d: Daemon, runs: int) -> dict[str, Any]:
+def _restarts(d: common.Daemon, runs: int) -> dict[str, Any]:
     times = []
     breakdowns = []
     for _ in range(runs):
@@ -276,9 +227,9 @@ def _restarts(d: Daemon, runs: int) -> dict[str, Any]:
 
 def bench_restart(work: Path, n: int, runs: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    empty = Daemon(work / "empty", work / "empty.sock", "--compact-min-bytes", NEVER_COMPACT)
+    empty = common.Daemon(work / "empty", work / "empty.sock", "--compact-min-bytes", common.NEVER_COMPACT)
     out["empty_dir"] = _restarts(empty, runs)
-    d = Daemon(work / "big", work / "big.sock", "--fsync", "never", "--compact-min-bytes", NEVER_COMPACT)
+    d = common.Daemon(work / "big", work / "big.sock", "--fsync", "never", "--compact-min-bytes", common.NEVER_COMPACT)
     out["log"] = write_three_versions(d.data_dir, n)
     out["uncompacted"] = _restarts(d, runs)
     d.start()

@@ -44,7 +44,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import walcache
 from walcache.client import Client
 from walcache.codec import encode_key
 from walcache.daemon.recovery import open_log
@@ -61,7 +59,6 @@ from walcache.paths import shm_namespace
 
 import common
 
-NEVER_COMPACT = str(10**15)  # --compact-min-bytes: no automatic compaction during the restarts
 
 CHILD = r"""
 import gc, json, os, resource, sys, time
@@ -131,56 +128,7 @@ def _dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.iterdir() if p.name.startswith(("wal-", "snap-", "MANIFEST")))
 
 
-class Daemon:
-    """One ``walcache serve`` process at a time on a data dir; stderr goes to a log file."""
-
-    def __init__(self, data_dir: Path, sock: Path) -> None:
-        self.data_dir, self.sock = data_dir, sock
-        self.log_path = data_dir.parent / f"{data_dir.name}.daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> float:
-        """Start a daemon; seconds from spawn until it answers stats with its own pid."""
-        cmd = [sys.executable, "-m", "walcache", "serve", "--data-dir", str(self.data_dir),
-               "--socket", str(self.sock), "--fsync", "never", "--compact-min-bytes", NEVER_COMPACT]  # fmt: skip
-        with open(self.log_path, "ab") as logf:
-            t0 = time.perf_counter()
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
-        deadline = time.monotonic() + 600
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                with Client(self.sock, timeout=5) as c:
-                    if c.stats()["pid"] == self.proc.pid:
-                        return time.perf_counter() - t0
-            except walcache.WalcacheError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"daemon not ready after 600 s: {self.log_tail()}")
-            time.sleep(0.002)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-
+RESTART_ARGS = ("--fsync", "never", "--compact-min-bytes", common.NEVER_COMPACT)
 _RECOVERED = re.compile(r"recovered (\d+) records .*? into (\d+) keys in ([\d.]+) s")
 _BUILT = re.compile(r"built shm table \S+: (\d+) keys, .*? \((\S+) builder\) in ([\d.]+) s")
 
@@ -188,7 +136,7 @@ _BUILT = re.compile(r"built shm table \S+: (\d+) keys, .*? \((\S+) builder\) in 
 def compact_copy(src: Path, dst: Path) -> dict[str, Any]:
     """Copy the log to ``dst`` and have a real daemon compact it there."""
     shutil.copytree(src, dst)
-    d = Daemon(dst, dst.parent / f"{dst.name}.sock")
+    d = common.Daemon(dst, dst.parent / f"{dst.name}.sock", *RESTART_ARGS)
     try:
         d.start()
         with Client(d.sock, timeout=600) as c:
@@ -238,7 +186,7 @@ def run_script(d: Path, mode: str, runs: int, n: int, value: bytes) -> dict[str,
 
 
 def run_serve(d: Path, runs: int) -> dict[str, Any]:
-    daemon = Daemon(d, d.parent / f"{d.name}.sock")
+    daemon = common.Daemon(d, d.parent / f"{d.name}.sock", *RESTART_ARGS)
     times: list[float] = []
     lines: list[str] = []
     try:

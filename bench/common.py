@@ -12,7 +12,11 @@ import os
 import platform
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -160,3 +164,67 @@ def print_measure_table(rows: Sequence[tuple[str, str]]) -> None:
     print(f"|{'-' * (w + 2)}|--------|")
     for a, b in rows:
         print(f"| {a.ljust(w)} | {b} |")
+
+
+# --------------------------------------------------------------------------- a real daemon
+
+
+NEVER_COMPACT = str(10**15)  # --compact-min-bytes: no automatic compaction during a run
+
+
+class Daemon:
+    """One ``walcache serve`` process at a time on a data dir; its log goes to a file."""
+
+    def __init__(self, data_dir: Path, sock: Path, *args: str) -> None:
+        self.data_dir, self.sock, self.args = data_dir, sock, list(args)
+        self.log_path = data_dir.parent / f"{data_dir.name}.daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start it; seconds from spawn until it answers stats with its own pid."""
+        from walcache.client import Client
+        from walcache.errors import WalcacheError
+
+        cmd = [sys.executable, "-m", "walcache", "serve", "--data-dir", str(self.data_dir),
+               "--socket", str(self.sock), *self.args]  # fmt: skip
+        with open(self.log_path, "ab") as logf:
+            t0 = time.perf_counter()
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        deadline = time.monotonic() + 600
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                with Client(self.sock, timeout=5) as c:
+                    if c.stats()["pid"] == self.proc.pid:
+                        return time.perf_counter() - t0
+            except WalcacheError:
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"daemon not ready after 600 s: {self.log_tail()}")
+            time.sleep(0.002)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def client(self, timeout: float = 60) -> Any:
+        from walcache.client import Client
+
+        return Client(self.sock, timeout=timeout)
