@@ -178,24 +178,6 @@ class _Segment:
 RETIRABLE_LAYOUT_VERSIONS = (1, LAYOUT_VERSION)
 
 
-def _named_by_older_ctl(name: str) -> str:
-    """The data segment a control segment of an older layout (same size and fields) names."""
-    try:
-        shm = posix_ipc.SharedMemory(name)
-    except posix_ipc.ExistentialError:
-        return ""
-    try:
-        if shm.size != CTL_SIZE:
-            return ""
-        with mmap.mmap(shm.fd, CTL_SIZE, prot=mmap.PROT_READ) as mm:
-            magic, version, _seq, _gen, _size, n, raw = CTL_STRUCT.unpack_from(mm, 0)
-    finally:
-        shm.close_fd()
-    if magic != CTL_MAGIC or version not in RETIRABLE_LAYOUT_VERSIONS or not 0 < n <= MAX_NAME_BYTES:
-        return ""
-    return bytes(raw[:n]).decode("ascii", "replace")
-
-
 class ShmTable:
     """The daemon's read-write view of the shared table; see the module docstring."""
 
@@ -834,17 +816,18 @@ class ShmTable:
             ok = shm.size == CTL_SIZE
             if ok:
                 mm = mmap.mmap(shm.fd, CTL_SIZE)
-                magic, version = CTL_STRUCT.unpack_from(mm, 0)[:2]
+                magic, version, _seq, _gen, _size, n, raw = CTL_STRUCT.unpack_from(mm, 0)
                 ok = magic == CTL_MAGIC and version == LAYOUT_VERSION
                 if not ok:
                     mm.close()
+                    if magic == CTL_MAGIC and version in RETIRABLE_LAYOUT_VERSIONS and 0 < n <= MAX_NAME_BYTES:
+                        # publish() retires the table it names, so its readers move off it.
+                        self._older_layout_segment = raw[:n].decode("ascii", "replace")
             shm.close_fd()
             if not ok:
                 # Never truncate or rewrite a segment of another layout in place: old
-                # readers may map it. Unlink it; they keep their mapping, and publish()
-                # retires the data segment it named if its layout is one we can mark.
+                # readers may map it. Unlink it; they keep their mapping.
                 log.warning("control segment %s has another size or layout: replacing it", name)
-                self._older_layout_segment = _named_by_older_ctl(name)
                 shm.unlink()
                 shm = None
         if shm is None:
