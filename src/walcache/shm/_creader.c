@@ -314,10 +314,10 @@ typedef struct {
  * protocol runs, meets MOVED and remaps, and a remap empties the cache.
  *
  * A hit reads the header's stale flag (one line shared by all gets), the record's seq
- * and expiry (one line), the entry (one line) and the value's refcount: no hash of the
- * key beyond Python's own (cached in str and bytes objects), no probe, no copy. The seq
- * is read before and after the expiry (the seqlock, as in R3..R5); an expired entry is
- * left to the full protocol.
+ * (one line), the entry (one line) and the value's refcount: no hash of the key beyond
+ * Python's own (cached in str and bytes objects), no probe, no copy. A record stored
+ * with an expiry also has that read, between two reads of the seq (the seqlock, as in
+ * R3..R5); an expired entry is left to the full protocol.
  *
  * An entry is only stored from a read that proved the record live: after R5, the slot
  * that led to it still held the same word (read after the seq, so a chunk freed and
@@ -355,7 +355,8 @@ struct cache_entry {
     uint64_t w;      /* record word; 0 = empty (no record starts at word 0) */
     uint64_t seq;    /* its even seq when the value was decoded */
     PyObject *value; /* owned */
-    uint16_t klen;   /* encoded key length */
+    uint8_t klen;    /* encoded key length */
+    uint8_t expires; /* the record had an expiry when the value was decoded */
     uint8_t key[CACHE_MAX_KEY];
 };
 
@@ -456,13 +457,17 @@ cache_validate(Reader *r, struct cache_entry *e, int promote)
     uint64_t s1 = load_acquire(&Q[w + R_SEQ]);
     if (s1 != e->seq)
         return NULL;
-    uint64_t xv = load_relaxed(&Q[w + R_EXPIRY_VFLAG]);
-    atomic_thread_fence(memory_order_acquire);
-    if (load_relaxed(&Q[w + R_SEQ]) != s1)
-        return NULL;
-    uint64_t expiry = xv >> 8;
-    if (expiry != 0 && expiry <= now_ms())
-        return NULL;
+    /* The expiry belongs to the record's version: while the seq still reads e->seq, the
+     * record has the expiry it had when the entry was stored, and one without is done. */
+    if (e->expires) {
+        uint64_t xv = load_relaxed(&Q[w + R_EXPIRY_VFLAG]);
+        atomic_thread_fence(memory_order_acquire);
+        if (load_relaxed(&Q[w + R_SEQ]) != s1)
+            return NULL;
+        uint64_t expiry = xv >> 8;
+        if (expiry != 0 && expiry <= now_ms())
+            return NULL;
+    }
     size_t way = (size_t)(e - r->cache) % CACHE_WAYS;
     if (promote && way != 0) { /* keep the most recently used in way 0 */
         struct cache_entry t = e[-1];
@@ -501,7 +506,7 @@ cacheable(PyObject *v, uint64_t vlen)
  * can reach the entry write without it); the epoch test does not rely on that. */
 static void
 cache_store(Reader *r, uint64_t epoch, Py_hash_t ph, const uint8_t *kb, Py_ssize_t klen, uint64_t w,
-            uint64_t seq, PyObject *v, uint64_t vlen)
+            uint64_t seq, uint64_t expiry, PyObject *v, uint64_t vlen)
 {
     if (ph == -1 || epoch != r->epoch || !r->attached || !cacheable(v, vlen))
         return;
@@ -545,7 +550,8 @@ cache_store(Reader *r, uint64_t epoch, Py_hash_t ph, const uint8_t *kb, Py_ssize
     e[0].w = w;
     e[0].seq = seq;
     e[0].value = Py_NewRef(v);
-    e[0].klen = (uint16_t)klen;
+    e[0].klen = (uint8_t)klen;
+    e[0].expires = expiry != 0;
     memcpy(e[0].key, kb, (size_t)klen);
     Py_XDECREF(old);
 }
@@ -1209,7 +1215,7 @@ reader_lookup(Reader *r, PyObject *const *args, Py_ssize_t nargs)
         uint64_t epoch = r->epoch; /* msgpack may run Python code, and with it a remap */
         res = decode_value(&o);
         if (res != NULL && o.live)
-            cache_store(r, epoch, ph, k.p, k.n, o.w, o.seq, res, o.vlen);
+            cache_store(r, epoch, ph, k.p, k.n, o.w, o.seq, o.expiry_ms, res, o.vlen);
     }
     else if (rc == MISSING)
         res = Py_NewRef(dflt);
@@ -1397,7 +1403,7 @@ reader_get_many(Reader *r, PyObject *keys)
                 uint64_t epoch = r->epoch; /* msgpack may run Python code, and a remap */
                 PyObject *v = decode_value(&o);
                 if (v != NULL && o.live)
-                    cache_store(r, epoch, ph[j], k[j].p, k[j].n, o.w, o.seq, v, o.vlen);
+                    cache_store(r, epoch, ph[j], k[j].p, k[j].n, o.w, o.seq, o.expiry_ms, v, o.vlen);
                 PyTypeObject *kt = Py_TYPE(it[j]);
                 foreign |= kt != &PyUnicode_Type && kt != &PyBytes_Type && kt != &PyLong_Type;
                 int failed = v == NULL || PyDict_SetItem(out, it[j], v) < 0;
