@@ -44,6 +44,8 @@ class DaemonProcess:
         self.args = list(args)
         self.namespace = shm_namespace(data_dir)
         self.proc: subprocess.Popen[bytes] | None = None
+        # What runs `walcache serve` (a test may put a wrapper with a fault seam here).
+        self.launcher = [sys.executable, "-m", "walcache"]
         self.log_path = data_dir.parent / f"{data_dir.name}.daemon.log"
 
     @property
@@ -53,7 +55,7 @@ class DaemonProcess:
 
     def start(self, *extra: str, wait: bool = True, env: dict[str, str] | None = None) -> DaemonProcess:
         cmd = [
-            sys.executable, "-m", "walcache", "serve",
+            *self.launcher, "serve",
             "--data-dir", str(self.data_dir), "--socket", str(self.socket_path),
             *self.args, *extra,
         ]

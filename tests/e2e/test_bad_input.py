@@ -5,10 +5,14 @@ from __future__ import annotations
 import random
 import socket
 import struct
+import sys
 import time
+from pathlib import Path
 
 import msgpack
+import pytest
 
+import walcache
 from walcache.protocol import ClientProtocol
 from walcache_testing import Workspace
 
@@ -149,3 +153,37 @@ def test_allowlist_refuses_other_uids(ws: Workspace) -> None:
     r = proto.next_reply()
     assert r is not None and not r.ok and "allow_uids" in str(r.value)
     s.close()
+
+
+SHM_FULL_SERVE = Path(__file__).resolve().parents[1] / "shm_full_serve.py"
+
+
+def test_a_full_dev_shm_refuses_a_put_many_whole_and_the_daemon_lives_on(ws: Workspace) -> None:
+    """/dev/shm fills up (through the table's seam, 4 MiB): a put_many that does not fit is refused
+    whole with CacheFull before it is logged; none of it is visible, the daemon keeps serving,
+    and a restart finds every acknowledged write and nothing of the refused batch."""
+    d = ws.daemon()
+    d.launcher = [sys.executable, str(SHM_FULL_SERVE), str(4 << 20)]
+    d.start()
+    acked = {f"k{i}": b"v" * 1000 for i in range(20)}
+    big = {f"big{i}": bytes([i]) * 30_000 for i in range(150)}  # 4.5 MB: more than is left
+    with d.client() as c:
+        for k, v in acked.items():
+            c.put(k, v)
+        with pytest.raises(walcache.CacheFull, match="/dev/shm is full"):
+            c.put_many(big)
+        assert c.get_many(list(big)) == {}  # none of it, not a part
+        assert c.get_many(list(acked)) == acked
+        c.put("after", b"x")
+        acked["after"] = b"x"
+        small = {f"s{i}": b"y" * 30_000 for i in range(10)}
+        c.put_many(small)
+        acked.update(small)
+        assert c.get_many(list(acked)) == acked
+        assert c.stats()["pid"] == d.pid
+    assert d.terminate() == 0
+    d.launcher = [sys.executable, "-m", "walcache"]  # the next start has all of /dev/shm
+    d.start()
+    with d.client() as c:
+        assert c.get_many([*acked, *big]) == acked
+        assert len(c) == len(acked)

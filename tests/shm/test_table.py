@@ -382,6 +382,59 @@ def test_the_reserve_is_committed_only_as_it_is_used(namespace: str) -> None:
         t.close(unlink=True)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_reserve_is_enough_for_its_batch_and_a_refused_one_changes_nothing(namespace: str, seed: int) -> None:
+    """reserve(keys, words) either makes room for a whole batch or raises, leaving the table as it was.
+
+    After a reserve that returned, putting that many keys of that many words neither
+    rebuilds (the segment keeps its name) nor claims memory: a full /dev/shm can no
+    longer stop a put_many halfway. Batches of new keys, overwrites of other sizes and
+    deletes, drawn from a seeded generator, until /dev/shm (6 MiB here) is full.
+    """
+    import random
+
+    from walcache.shm.writer import FaultyShmOps
+
+    rng = random.Random(seed)
+    ops = FaultyShmOps(limit=6 << 20)
+    t = ShmTable.create(namespace, capacity=16, data_bytes=4096, shmops=ops)
+    t.publish()
+    r = ShmReader(namespace)
+    model: dict[bytes, bytes] = {}
+    seqno = refused = applied = 0
+    try:
+        for _ in range(300):
+            batch = [(encode_key(rng.randrange(3000)), rng.randbytes(rng.randrange(1, 30_000)))
+                     for _ in range(rng.randrange(1, 40))]  # fmt: skip
+            name, claimed = t.name, ops.claimed
+            try:
+                t.reserve(len(batch), sum(layout.chunk_words(len(k), len(v)) for k, v in batch))
+            except CacheFull as exc:
+                assert "/dev/shm is full" in str(exc)
+                refused += 1
+                assert (t.name, ops.claimed) == (name, claimed)
+                assert {k: v for k, _, v, _, _ in t.items()} == model  # nothing changed
+                continue
+            name, claimed = t.name, ops.claimed
+            for k, v in batch:
+                seqno += 1
+                if rng.random() < 0.1:
+                    t.delete(k, seqno)
+                    model.pop(k, None)
+                else:
+                    t.put(k, 0, v, seqno, 0)
+                    model[k] = v
+            applied += 1
+            assert (t.name, ops.claimed) == (name, claimed)  # no rebuild, no claim: nothing could fail
+            assert {k: v for k, _, v, _, _ in t.items()} == model
+        assert refused >= 3 and applied >= 10, (refused, applied)  # both sides were exercised
+        for k, v in model.items():
+            assert r.get(k) == (0, v)
+    finally:
+        r.close()
+        t.close(unlink=True)
+
+
 def test_a_segment_over_the_layout_limit_is_refused(namespace: str) -> None:
     with pytest.raises(CacheFull, match="limit"):
         ShmTable.create(namespace, data_bytes=layout.MAX_SEGMENT_BYTES)

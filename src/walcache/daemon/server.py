@@ -77,7 +77,8 @@ from ..errors import (
 )
 from ..paths import ensure_private_dir, shm_namespace
 from ..protocol import PROTOCOL_VERSION, BadRequest, Request, ServerProtocol
-from ..shm.writer import ShmTable
+from ..shm.layout import chunk_words
+from ..shm.writer import ShmOps, ShmTable
 from . import notify
 from .apply import OP_DELETE, OP_PUT, Applier, DictTable
 from .compaction import EXIT_BUSY, EXIT_ORPHANED, compactor_command
@@ -125,7 +126,7 @@ class _Conn:
 class _Item:
     """One request waiting for its batch: the reply is computed at completion."""
 
-    __slots__ = ("conn", "req_id", "kind", "op", "ops", "seqno", "footprint", "result")
+    __slots__ = ("conn", "req_id", "kind", "op", "ops", "seqno", "footprint", "words", "result")
 
     def __init__(self, conn: _Conn, req_id: int, kind: str, op: str = "") -> None:
         self.conn = conn
@@ -135,6 +136,7 @@ class _Item:
         self.ops: list[tuple[int, bytes, int, bytes, int]] | None = None
         self.seqno = 0
         self.footprint = 0
+        self.words = 0  # data words its puts may take in the shared table (ShmTable.reserve)
         self.result: Any = None  # read: a callable; error: the exception
 
 
@@ -296,11 +298,17 @@ class Daemon:
     """``walcache serve``: owns the data dir, the log, the shared table and the socket."""
 
     def __init__(
-        self, config: ServeConfig, *, args: Any = None, fileops: FileOps | None = None
+        self,
+        config: ServeConfig,
+        *,
+        args: Any = None,
+        fileops: FileOps | None = None,
+        shmops: ShmOps | None = None,
     ) -> None:
         self.cfg = config
         self.args = args
         self.fileops = fileops
+        self.shmops = shmops
         self.data_dir = Path(config.data_dir)
         self.socket_path = Path(config.socket)
         self.namespace = shm_namespace(self.data_dir)
@@ -313,6 +321,10 @@ class Daemon:
         # their group's sync, and the reads and errors queued behind them).
         self.queue: deque[_Item] = deque()
         self.pending_footprint = 0
+        # What the logged, not yet applied writes may take in the shared table, reserved
+        # before each is logged (ShmTable.reserve): put ops, and their data words.
+        self.pending_puts = 0
+        self.pending_words = 0
         self.unsent: list[bytes] = []  # records encoded this round, not yet written or handed over
         self.outstanding = 0  # records handed to the flusher and not yet reported back
         self.stopping = False
@@ -369,6 +381,7 @@ class Daemon:
             max_memory=cfg.max_memory,
             mode=0o640 if gid is not None else 0o600,
             gid=gid,
+            shmops=self.shmops,
         )
         self.snapshot_seqno = report.snapshot.seal_seqno if report.snapshot is not None else 0
         self.table.publish()
@@ -609,13 +622,18 @@ class Daemon:
         op, args, req_id = req.op, req.args, req.req_id
         if op in WRITE_OPS:
             try:
-                ops, footprint = self._validate_write(op, args)
+                ops, footprint, words = self._validate_write(op, args)
+                if words:
+                    # Room in the shared table for this write and every one before it
+                    # that is not applied yet: applying a logged record must not fail.
+                    self.table.reserve(self.pending_puts + len(ops), self.pending_words + words)
             except WalcacheError as exc:
                 self._answer_now_or_queue(conn, req_id, exc)
                 return
             item = _Item(conn, req_id, "write", op)
             item.ops = ops
             item.footprint = footprint
+            item.words = words
             try:
                 item.seqno, record = self.writer.encode(ops)
             except LogFailed as exc:
@@ -625,6 +643,9 @@ class Daemon:
                 self._answer_now_or_queue(conn, req_id, InvalidValue(f"cannot log this write: {exc}"))
                 return
             self.pending_footprint += footprint
+            if words:
+                self.pending_puts += len(ops)
+                self.pending_words += words
             self.unsent.append(record)
             self._enqueue(item)
             return
@@ -661,7 +682,8 @@ class Daemon:
 
     def _validate_write(
         self, op: str, args: tuple[Any, ...]
-    ) -> tuple[list[tuple[int, bytes, int, bytes, int]], int]:
+    ) -> tuple[list[tuple[int, bytes, int, bytes, int]], int, int]:
+        """(ops, footprint against --max-memory, data words its puts may take) or the error."""
         cfg = self.cfg
         if op == "put" or op == "put_many":
             if op == "put":
@@ -677,7 +699,7 @@ class Daemon:
                 )
             expiry = _now_ms() + ttl_ms if ttl_ms else 0
             ops = []
-            need = 0
+            need = words = 0
             for key, vflag, value in entries:
                 self._check_key(key)
                 if len(value) > cfg.max_value_bytes:
@@ -686,6 +708,7 @@ class Daemon:
                     )
                 check_encoded_value(vflag, value)
                 need += self.table.footprint(len(key), len(value))
+                words += chunk_words(len(key), len(value))
                 ops.append((OP_PUT, key, vflag, value, expiry))
             if not ops:
                 raise ProtocolError("put_many needs at least one entry")
@@ -698,13 +721,13 @@ class Daemon:
                     f"the shared table would exceed max_memory={limit} bytes "
                     f"({self.table.used_bytes} used): delete keys or raise --max-memory"
                 )
-            return ops, need
+            return ops, need, words
         keys = [args[0]] if op == "delete" else list(args[0])
         for key in keys:
             self._check_key(key)
         if not keys:
             raise ProtocolError("delete_many needs at least one key")
-        return [(OP_DELETE, key, 0, b"", 0) for key in keys], 0
+        return [(OP_DELETE, key, 0, b"", 0) for key in keys], 0, 0
 
     def _overwritten_footprint(self, entries: list[Any]) -> int:
         freed = 0
@@ -823,6 +846,9 @@ class Daemon:
                     self._fail(exc, what="applying a logged batch to the shared table")
                     return
                 self.pending_footprint -= it.footprint
+                if it.words:
+                    self.pending_puts -= len(it.ops)
+                    self.pending_words -= it.words
                 reply = ServerProtocol.reply(it.req_id, _WRITE_RESULT[it.op](existed))
             elif it.kind == "read":
                 reply = self._evaluate(it.req_id, it.result)
@@ -1424,10 +1450,14 @@ def _group_id(name: str | None) -> int | None:
 
 
 def run(
-    config: ServeConfig, *, args: Any = None, fileops: FileOps | None = None
+    config: ServeConfig,
+    *,
+    args: Any = None,
+    fileops: FileOps | None = None,
+    shmops: ShmOps | None = None,
 ) -> int:
     """Run a daemon until SIGTERM; ``args`` (the parsed flags) are re-read on SIGHUP."""
-    daemon = Daemon(config, args=args, fileops=fileops)
+    daemon = Daemon(config, args=args, fileops=fileops, shmops=shmops)
     try:
         daemon.start()
     except OSError as exc:

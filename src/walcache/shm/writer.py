@@ -26,6 +26,7 @@ handles workloads whose sizes drift; classes would only trade that for internal 
 from __future__ import annotations
 
 import array
+import errno
 import logging
 import mmap
 import os
@@ -103,6 +104,35 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(n - 1, 1).bit_length()
 
 
+class ShmOps:
+    """The seam through which the table claims shared memory (``posix_fallocate``).
+
+    Claiming pages is the one step of a put that a full /dev/shm can fail; tests put a
+    :class:`FaultyShmOps` here to run out of it on purpose, nowhere else.
+    """
+
+    def fallocate(self, fd: int, offset: int, length: int) -> None:
+        os.posix_fallocate(fd, offset, length)
+
+
+class FaultyShmOps(ShmOps):
+    """ShmOps whose /dev/shm is full once ``limit`` bytes were claimed (for tests).
+
+    A claim that would pass the limit fails whole with ENOSPC, as posix_fallocate on a
+    full tmpfs does; nothing given back (segments a rebuild retires) counts again.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.claimed = 0
+
+    def fallocate(self, fd: int, offset: int, length: int) -> None:
+        if self.claimed + length > self.limit:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        super().fallocate(fd, offset, length)
+        self.claimed += length
+
+
 class _Segment:
     """One data segment mapped read-write, plus the writer's private allocation state.
 
@@ -112,8 +142,11 @@ class _Segment:
     costs no memory until it is used. Readers only follow slots to committed chunks.
     """
 
-    def __init__(self, name: str, fd: int, mm: mmap.mmap, capacity: int, data_off: int, committed: int) -> None:
+    def __init__(
+        self, name: str, fd: int, mm: mmap.mmap, capacity: int, data_off: int, committed: int, ops: ShmOps
+    ) -> None:
         self.name = name
+        self.ops = ops
         self.fd = fd
         self.mm = mm
         self.committed = committed
@@ -152,7 +185,7 @@ class _Segment:
         if new <= self.committed:
             return
         try:
-            os.posix_fallocate(self.fd, self.committed, new - self.committed)
+            self.ops.fallocate(self.fd, self.committed, new - self.committed)
         except OSError as exc:
             raise CacheFull(
                 f"cannot commit {new - self.committed} more bytes of shared memory for {self.name} "
@@ -181,9 +214,12 @@ RETIRABLE_LAYOUT_VERSIONS = (1, LAYOUT_VERSION)
 class ShmTable:
     """The daemon's read-write view of the shared table; see the module docstring."""
 
-    def __init__(self, namespace: str, *, max_memory: int | None, mode: int, gid: int | None) -> None:
+    def __init__(
+        self, namespace: str, *, max_memory: int | None, mode: int, gid: int | None, shmops: ShmOps | None = None
+    ) -> None:
         # Use ShmTable.create(); this only sets the fields.
         self.namespace = namespace
+        self._ops = shmops if shmops is not None else ShmOps()
         self.max_memory = max_memory
         self._mode = mode
         self._gid = gid
@@ -217,6 +253,7 @@ class ShmTable:
         max_memory: int | None = None,
         mode: int | None = None,
         gid: int | None = None,
+        shmops: ShmOps | None = None,
     ) -> ShmTable:
         """A fresh, unpublished table (a new incarnation): call publish() to make it current.
 
@@ -227,7 +264,7 @@ class ShmTable:
             mode = 0o640 if gid is not None else 0o600
         if len(data_name(namespace, 0, 1 << 30)) > MAX_NAME_BYTES:
             raise ValueError(f"namespace {namespace!r} is too long for a shared-memory name")
-        table = cls(namespace, max_memory=max_memory, mode=mode, gid=gid)
+        table = cls(namespace, max_memory=max_memory, mode=mode, gid=gid, shmops=shmops)
         slots = max(MIN_CAPACITY, _pow2_at_least(int(capacity / MAX_LOAD) + 1))
         table._seg = table._new_segment(slots, max(data_bytes, _PAGE), 0)
         return table
@@ -245,6 +282,7 @@ class ShmTable:
         mode: int | None = None,
         gid: int | None = None,
         compiled: bool | None = None,
+        shmops: ShmOps | None = None,
     ) -> ShmTable:
         """A fresh, unpublished table holding exactly ``entries``, built in bulk (restart).
 
@@ -291,7 +329,7 @@ class ShmTable:
         slots = max(MIN_CAPACITY, _pow2_at_least(int(capacity / MAX_LOAD) + 1))
         while live + 1 > slots * MIN_LOAD:
             slots *= 2
-        table = cls(namespace, max_memory=max_memory, mode=mode, gid=gid)
+        table = cls(namespace, max_memory=max_memory, mode=mode, gid=gid, shmops=shmops)
         table._applied = max(applied_seqno, max_seqno)
         seg = table._new_segment(slots, max(2 * (words << 3), data_bytes, _PAGE), words << 3)
         try:
@@ -329,7 +367,7 @@ class ShmTable:
                 f"{MAX_SEGMENT_BYTES}-byte limit of the layout; lower --max-memory"
             )
         fd, mm = self._create_shm(name, size)
-        seg = _Segment(name, fd, mm, capacity, data_off, 0)
+        seg = _Segment(name, fd, mm, capacity, data_off, 0, self._ops)
         try:
             seg.commit(data_off + data_needed)
         except BaseException:
@@ -479,6 +517,29 @@ class ShmTable:
         _, w = self._probe(seg, key, hash_key(key))
         old = footprint(len(key), seg.q[w + R_LENS] & LOC_MASK) if w else 0
         return self.used_bytes - old + footprint(len(key), vlen) <= self.max_memory
+
+    def reserve(self, keys: int, words: int) -> None:
+        """Make room now for ``keys`` more keys and ``words`` more data words, or raise CacheFull.
+
+        The daemon reserves for every write not yet applied before it logs one more, so
+        that applying a logged record never needs shared memory it cannot get: a full
+        /dev/shm refuses the write whole, before anything of it is logged or visible,
+        instead of failing a put_many halfway through its ops. Sufficient because a put
+        takes at most one slot and ``chunk_words`` words from the bump area (a free
+        chunk only saves that), and nothing else takes either: after this returns,
+        puts of that many keys and words neither rebuild nor claim memory. When the
+        current segment is short, this rebuilds as put would (growing it); when the
+        memory cannot be had, nothing changes.
+        """
+        seg = self._seg
+        assert seg is not None, "table is closed"
+        if self._live + self._tombstones + keys <= seg.capacity * MAX_LOAD and (seg.top + words) << 3 <= seg.committed:
+            return  # the usual case: already there (committed pages never pass the segment's end)
+        if self._live + self._tombstones + keys > seg.capacity * MAX_LOAD or seg.top + words > seg.end_words:
+            self._rebuild(extra_words=words, extra_keys=keys)
+            seg = self._seg
+            assert seg is not None
+        seg.commit((seg.top + words) << 3)
 
     def purge_expired(self, max_slots: int = 4096) -> int:
         """Free up to ``max_slots`` slots' worth of expired entries; returns how many.
@@ -701,12 +762,12 @@ class ShmTable:
         b = a + (lens >> 32)
         return seg.mm[a:b], xv & 0xFF, seg.mm[b : b + (lens & LOC_MASK)], q[w + R_SEQNO], xv >> 8
 
-    def _rebuild(self, extra_words: int) -> None:
+    def _rebuild(self, extra_words: int, extra_keys: int = 1) -> None:
         """Copy the live entries into a new segment (compacted, maybe larger); retire the old."""
         old = self._seg
         assert old is not None
         capacity = old.capacity
-        while self._live + 1 > capacity * MIN_LOAD:
+        while self._live + extra_keys > capacity * MIN_LOAD:
             capacity *= 2
         data_words = old.data_words
         while (self._live_words + extra_words) * 2 > data_words:
