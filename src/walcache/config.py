@@ -327,6 +327,7 @@ class ServeConfig:
     socket: Path = field(default_factory=default_socket_path)
     fsync: str = "always"
     fsync_interval_ms: int = 100
+    busy_poll_us: int = 100
     max_key_bytes: int = 4096
     max_value_bytes: int = 1 << 20
     max_frame_bytes: int = 64 << 20
@@ -348,6 +349,7 @@ class ServeConfig:
     RELOADABLE: ClassVar[frozenset[str]] = frozenset(
         {
             "log_level",
+            "busy_poll_us",
             "max_key_bytes",
             "max_value_bytes",
             "max_frame_bytes",
@@ -427,6 +429,13 @@ SERVE_OPTIONS: tuple[OptionSpec, ...] = (
         "{always,interval,never}",
     ),
     OptionSpec("fsync_interval_ms", _integer(1, 3_600_000, " (ms)"), "Sync period for --fsync interval.", "MS"),
+    OptionSpec(
+        "busy_poll_us", _integer(0, 10_000, " (us)"),
+        "After answering, poll the sockets this long before sleeping, while no sync is in flight: a "
+        "client's next request is then read without a wake-up (costly in VMs). Stops by itself while "
+        "polls find nothing; 0 turns it off." + _RELOAD,
+        "US",
+    ),
     OptionSpec("max_key_bytes", _size(1), "Largest encoded key." + _RELOAD, "SIZE"),
     OptionSpec("max_value_bytes", _size(1), "Largest encoded value." + _RELOAD, "SIZE"),
     OptionSpec(

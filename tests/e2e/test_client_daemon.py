@@ -281,3 +281,37 @@ def test_a_daemon_that_stops_answering_times_the_request_out(ws: Workspace) -> N
     c.put("k", 3)  # a fresh connection; the timed-out put may or may not have applied
     assert c.get("k") == 3
     c.close()
+
+
+def test_busy_poll_reads_back_to_back_requests_and_backs_off_when_they_stop(ws: Workspace) -> None:
+    """--busy-poll-us: requests that follow their reply closely are found by polling; once
+    polls keep finding nothing, the daemon stops polling (one chance in 64) and sleeps.
+
+    The window is 5 ms here so that a loaded machine still lands requests inside it."""
+    from walcache.daemon.server import BUSY_POLL_MISSES, BUSY_POLL_REPROBE
+
+    d = ws.daemon("--busy-poll-us", "5000").start()
+    with d.client() as c:
+        for i in range(200):
+            c.put(f"k{i}", i)
+        s = c.stats()
+        assert s["busy_poll_hits"] >= 100, s  # most puts were read by a poll, not a wake-up
+        assert all(c.get(f"k{i}") == i for i in range(200))
+        # Far apart: each poll finds nothing, until the daemon stops trying.
+        polls = s["busy_polls"]
+        hits = s["busy_poll_hits"]
+        for i in range(12):
+            time.sleep(0.03)
+            c.put(f"slow{i}", i)
+        s = c.stats()
+        # 13 requests (12 puts, then this stats call) each gave a chance to poll; with the
+        # back-off only BUSY_POLL_MISSES polls ran, and at most one re-probe (one chance in
+        # BUSY_POLL_REPROBE, more than 13), which may have caught the stats request.
+        assert BUSY_POLL_REPROBE > 13
+        assert s["busy_polls"] - polls <= BUSY_POLL_MISSES + 1, s
+        assert s["busy_poll_hits"] - hits <= 1, s
+    off = ws.daemon("--busy-poll-us", "0", name="off").start()
+    with off.client() as c:
+        for i in range(50):
+            c.put(f"k{i}", i)
+        assert c.stats()["busy_polls"] == 0

@@ -99,6 +99,10 @@ _WRITE_RESULT: dict[str, Callable[[int], Any]] = {
 WRITE_OPS = frozenset(_WRITE_RESULT)
 _PEERCRED = struct.Struct("3i")
 READ_CHUNK = 256 * 1024
+# --busy-poll-us backs off after this many fruitless polls in a row, then polls one
+# chance in BUSY_POLL_REPROBE until a poll finds a request again.
+BUSY_POLL_MISSES = 4
+BUSY_POLL_REPROBE = 64
 
 
 def _now_ms() -> int:
@@ -334,6 +338,9 @@ class Daemon:
         self.batches = 0
         self.batched_records = 0
         self.reload_requested = False
+        # --busy-poll-us: polls run, polls that found something, rounds that could poll,
+        # polls in a row that found nothing (see _busy_poll).
+        self.polls = self.poll_hits = self.poll_chances = self.poll_misses = 0
         self.stop_requested = 0  # the signal number once SIGTERM/SIGINT arrived
         self.listener: socket.socket | None = None
         self._socket_ino: tuple[int, int] | None = None
@@ -451,13 +458,18 @@ class Daemon:
         next_tick = time.monotonic() + tick
         flusher = self.flusher
         select = self.sel.select
+        served = False  # the last round read a connection
         while True:
             timeout = max(0.0, min(next_tick, self._compaction_deadline()) - time.monotonic())
             flusher.loop_waiting = True
             if flusher.done or flusher.seals:
                 timeout = 0.0  # the flusher finished while this thread was busy: no pipe byte comes
-            events = select(timeout)
+            if served and timeout > 0.0 and self.outstanding == 0 and self.cfg.busy_poll_us:
+                events = self._busy_poll(timeout)
+            else:
+                events = select(timeout)
             flusher.loop_waiting = False
+            served = False
             for key, mask in events:
                 tag = key.data
                 if tag == "accept":
@@ -468,6 +480,7 @@ class Daemon:
                     self._on_compactor_output()
                 else:
                     conn: _Conn = tag
+                    served = True
                     try:
                         if mask & selectors.EVENT_READ:
                             self._read(conn)
@@ -502,6 +515,39 @@ class Daemon:
             if self.stopping and self._drained():
                 break
         return self._shutdown()
+
+    def _busy_poll(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
+        """``select(timeout)``, after polling without sleeping for up to --busy-poll-us.
+
+        Used after a round that read a request, while no sync is in flight (while one
+        is, the clients are waiting for it and polling only takes CPU from it). A
+        thread woken from epoll_wait costs tens of microseconds here, more in a VM
+        (the waker sends an interrupt to a halted vCPU): one client's durable put took
+        175-200 us p50 sleeping and 140 us polling, with fdatasync at 85 us, and less
+        CPU per put in both processes. Polling pays only while the next request comes
+        within the window: after BUSY_POLL_MISSES polls in a row found nothing, only
+        one chance in BUSY_POLL_REPROBE polls, until one finds something again. The
+        flusher and the signal handlers write the wake-up pipe as they do for a
+        sleeping select (``loop_waiting`` stays set), so a poll sees them too.
+        """
+        self.poll_chances += 1
+        if self.poll_misses >= BUSY_POLL_MISSES and self.poll_chances % BUSY_POLL_REPROBE:
+            return self.sel.select(timeout)
+        self.polls += 1
+        select = self.sel.select
+        start = time.perf_counter()
+        deadline = start + self.cfg.busy_poll_us / 1e6
+        while True:
+            events = select(0)
+            if events:
+                self.poll_misses = 0
+                self.poll_hits += 1
+                return events
+            now = time.perf_counter()
+            if now >= deadline:
+                break
+        self.poll_misses += 1
+        return select(max(0.0, timeout - (now - start)))
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
         # Only a flag: the handler runs between any two bytecodes of the loop, which
@@ -1346,6 +1392,8 @@ class Daemon:
             "fsyncs": self.writer.syncs,
             "fsync_p50_us": _percentile_us(syncs, 0.50),
             "fsync_p99_us": _percentile_us(syncs, 0.99),
+            "busy_polls": self.polls,
+            "busy_poll_hits": self.poll_hits,
             "log_bytes": _log_bytes(self.data_dir),
             "live_bytes": self.table.used_bytes,
             **self._compaction_stats(),
