@@ -119,24 +119,33 @@ def test_mutable_values_are_never_shared_between_gets(table: ShmTable, reader: C
 
 def test_keys_that_only_differ_in_type_stay_apart(table: ShmTable, reader: CReader) -> None:  # noqa: F811
     # hash("1") == hash(b"1") in Python: the same cache set; the encoded key tells them apart.
-    put(table, "1", "str one")
-    put(table, b"1", b"bytes one")
-    put(table, 1, "int one")
+    # An ASCII str and bytes are matched from the key object's own bytes, a non-ASCII str
+    # and an int from their encoding: "é" and its UTF-8 bytes are two keys as well.
+    model = {"1": "str one", b"1": b"bytes one", 1: "int one", "é": "str e", "é".encode(): b"bytes e"}
+    for k, v in model.items():
+        put(table, k, v)
     for _ in range(3):
-        assert reader.lookup("1") == "str one"
-        assert reader.lookup(b"1") == b"bytes one"
-        assert reader.lookup(1) == "int one"
-        assert reader.get_many(["1", b"1", 1]) == {"1": "str one", b"1": b"bytes one", 1: "int one"}
-    assert reader.cache_hits > 0
+        for k, v in model.items():
+            assert reader.lookup(k) == v
+        assert reader.get_many(list(model)) == model
+    hits = reader.cache_hits
+    for k, v in model.items():
+        assert reader.lookup(k) == v
+    assert reader.cache_hits == hits + len(model)  # every kind of key is answered by the cache
 
 
 def test_big_values_and_long_keys_are_read_but_not_kept(table: ShmTable, reader: CReader) -> None:  # noqa: F811
     put(table, "big", b"x" * 5000)
     put(table, "k" * 100, b"long key")
+    put(table, b"k" * 300, b"longer than the stack buffer")  # encoded on the heap
     hits = reader.cache_hits
     for _ in range(3):
         assert reader.lookup("big") == b"x" * 5000
         assert reader.lookup("k" * 100) == b"long key"
+        assert reader.lookup(b"k" * 300) == b"longer than the stack buffer"
+        assert reader.get_many(["big", "k" * 100, b"k" * 300, b"k" * 301]) == {
+            "big": b"x" * 5000, "k" * 100: b"long key", b"k" * 300: b"longer than the stack buffer",
+        }  # fmt: skip
     assert reader.cache_hits == hits
 
 

@@ -299,6 +299,34 @@ typedef struct {
     unsigned long long cache_hits; /* lookups answered from the result cache */
 } Reader;
 
+/* A user key's encoded form (tag byte, payload) without copying it, where the key object
+ * holds the payload: exact bytes, and exact str in compact ASCII form (its UTF-8 is its
+ * data). Otherwise the key is encoded into a keybuf and the view points there. */
+typedef struct {
+    uint8_t tag;
+    const uint8_t *p;
+    Py_ssize_t n; /* payload bytes: the encoded key is n + 1 */
+} keyview;
+
+static inline int
+key_view(PyObject *key, keyview *v)
+{
+    PyTypeObject *t = Py_TYPE(key);
+    if (t == &PyBytes_Type) {
+        v->tag = 'b';
+        v->p = (const uint8_t *)PyBytes_AS_STRING(key);
+        v->n = PyBytes_GET_SIZE(key);
+        return 1;
+    }
+    if (t == &PyUnicode_Type && PyUnicode_IS_COMPACT_ASCII(key)) {
+        v->tag = 's';
+        v->p = (const uint8_t *)PyUnicode_DATA(key);
+        v->n = PyUnicode_GET_LENGTH(key);
+        return 1;
+    }
+    return 0;
+}
+
 /* ---- the result cache ----
  *
  * A hot key's get costs more in finding and building its result (the key hash, the
@@ -428,17 +456,18 @@ cache_hash(Reader *r, PyObject *key, Py_ssize_t klen)
     return ph;
 }
 
-/* The entry for the encoded key kb, or NULL. Valid until Python code runs (a remap, in
- * any thread, frees the entries). */
+/* The entry for the key v, or NULL. Valid until Python code runs (a remap, in any
+ * thread, frees the entries). */
 static inline struct cache_entry *
-cache_match(Reader *r, Py_hash_t ph, const uint8_t *kb, Py_ssize_t klen)
+cache_match(Reader *r, Py_hash_t ph, const keyview *v)
 {
     if (!cache_may_hold(r, ph) || UNLIKELY(!r->attached))
         return NULL;
     struct cache_entry *e = cache_set(r, ph);
-    if (e[0].klen == klen && short_key_eq(e[0].key, kb, (size_t)klen))
+    Py_ssize_t klen = v->n + 1;
+    if (e[0].klen == klen && e[0].key[0] == v->tag && short_key_eq(e[0].key + 1, v->p, (size_t)v->n))
         return &e[0];
-    if (e[1].klen == klen && short_key_eq(e[1].key, kb, (size_t)klen))
+    if (e[1].klen == klen && e[1].key[0] == v->tag && short_key_eq(e[1].key + 1, v->p, (size_t)v->n))
         return &e[1];
     return NULL;
 }
@@ -478,15 +507,6 @@ cache_validate(Reader *r, struct cache_entry *e, int promote)
     r->cache_hits++;
     r->window_hits++;
     return Py_NewRef(e->value);
-}
-
-/* A new reference to the current value of the encoded key kb, or NULL: not cached, or the
- * entry is no longer the key's live record (the caller runs the full protocol). */
-static inline PyObject *
-cache_get(Reader *r, Py_hash_t ph, const uint8_t *kb, Py_ssize_t klen)
-{
-    struct cache_entry *e = cache_match(r, ph, kb, klen);
-    return e == NULL ? NULL : cache_validate(r, e, 1);
 }
 
 static int
@@ -813,6 +833,15 @@ keybuf_set(keybuf *k, uint8_t tag, const char *payload, Py_ssize_t n)
     }
     k->n = n + 1;
     return 0;
+}
+
+/* The view of an encoded key held in k. */
+static inline void
+keyview_of(const keybuf *k, keyview *v)
+{
+    v->tag = k->p[0];
+    v->p = k->p + 1;
+    v->n = k->n - 1;
 }
 
 /* The stored form of a user key, exactly walcache.codec.encode_key: the exact types
@@ -1199,15 +1228,24 @@ reader_lookup(Reader *r, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *dflt = nargs == 2 ? args[1] : Py_None;
+    keyview v;
     keybuf k;
-    if (encode_user_key(args[0], &k) < 0)
-        return NULL;
-    Py_hash_t ph = cache_hash(r, args[0], k.n);
-    PyObject *res = cache_get(r, ph, k.p, k.n);
+    int enc = !key_view(args[0], &v); /* k holds the encoded key (a buffer to free) */
+    if (enc) {
+        if (encode_user_key(args[0], &k) < 0)
+            return NULL;
+        keyview_of(&k, &v);
+    }
+    Py_hash_t ph = cache_hash(r, args[0], v.n + 1);
+    struct cache_entry *e = cache_match(r, ph, &v);
+    PyObject *res = e == NULL ? NULL : cache_validate(r, e, 1);
     if (res != NULL) {
-        keybuf_free(&k);
+        if (enc)
+            keybuf_free(&k);
         return res;
     }
+    if (!enc && keybuf_set(&k, v.tag, (const char *)v.p, v.n) < 0)
+        return NULL;
     copy_out o;
     copy_init(&o, WANT_VALUE);
     int rc = find(r, k.p, k.n, xxh64(k.p, (size_t)k.n, 0), &o);
@@ -1302,10 +1340,18 @@ reader_get_many(Reader *r, PyObject *keys)
     PyObject *seq = PyList_CheckExact(keys) || PyTuple_CheckExact(keys) ? Py_NewRef(keys) : PySequence_Tuple(keys);
     if (seq == NULL)
         return NULL;
-    /* Sized for every key up front: growing a dict key by key costs more than the reads. */
+    /* Sized for every key up front: growing a dict key by key costs more than the reads.
+     * Tracked by the GC up front too: an untracked dict asks, at every insert, whether the
+     * key or the value could make it need tracking (two calls into the interpreter per key,
+     * about 2.5 ns of a hot key's 28, measured); the collector untracks it again when it
+     * only holds atomic values, as it does for any dict. */
     PyObject *out = _PyDict_NewPresized(PySequence_Fast_GET_SIZE(seq));
+    if (out != NULL && !PyObject_GC_IsTracked(out))
+        PyObject_GC_Track(out);
     PyObject *it[BATCH]; /* the group's keys, owned */
-    keybuf k[BATCH];
+    keybuf k[BATCH]; /* the encoded key, for keys that have no view or that the cache missed */
+    keyview kv[BATCH];
+    int enc[BATCH]; /* k[j] holds the key (and owns a buffer to free) */
     uint64_t hs[BATCH];
     Py_hash_t ph[BATCH];
     struct cache_entry *ce[BATCH];
@@ -1335,17 +1381,24 @@ reader_get_many(Reader *r, PyObject *keys)
             nit = j + 1;
         }
         for (int j = 0; j < nit; j++) {
-            if (encode_user_key(it[j], &k[j]) < 0)
-                goto fail;
+            enc[j] = 0;
             nk = j + 1;
-            ph[j] = cache_hash(r, it[j], k[j].n);
+            if (!key_view(it[j], &kv[j])) {
+                if (encode_user_key(it[j], &k[j]) < 0) {
+                    nk = j; /* k[j] holds nothing to free */
+                    goto fail;
+                }
+                enc[j] = 1;
+                keyview_of(&k[j], &kv[j]);
+            }
+            ph[j] = cache_hash(r, it[j], kv[j].n + 1);
             if (cache_may_hold(r, ph[j])) {
                 PREFETCH(cache_set(r, ph[j]));     /* way 0 */
                 PREFETCH(cache_set(r, ph[j]) + 1); /* way 1, the next line */
             }
         }
         for (int j = 0; j < nk; j++) {
-            ce[j] = cache_match(r, ph[j], k[j].p, k[j].n);
+            ce[j] = cache_match(r, ph[j], &kv[j]);
             if (ce[j] != NULL) {
                 PREFETCH(&r->Q[ce[j]->w]);
                 PREFETCH(ce[j]->value);
@@ -1362,6 +1415,13 @@ reader_get_many(Reader *r, PyObject *keys)
             /* No promotion: another key of the group may hold the other way's entry. */
             hit[j] = ce[j] == NULL ? NULL : cache_validate(r, ce[j], 0);
             if (hit[j] == NULL) {
+                if (!enc[j]) {
+                    if (keybuf_set(&k[j], kv[j].tag, (const char *)kv[j].p, kv[j].n) < 0) {
+                        bad = 1; /* no memory: fails the call below */
+                        continue;
+                    }
+                    enc[j] = 1;
+                }
                 hs[j] = xxh64(k[j].p, (size_t)k[j].n, 0);
                 todo[nt++] = j;
             }
@@ -1416,7 +1476,8 @@ reader_get_many(Reader *r, PyObject *keys)
                 goto fail;
         }
         for (int j = 0; j < nk; j++)
-            keybuf_free(&k[j]);
+            if (enc[j])
+                keybuf_free(&k[j]);
         nk = 0;
         for (int j = 0; j < nit; j++)
             Py_DECREF(it[j]);
@@ -1426,7 +1487,8 @@ reader_get_many(Reader *r, PyObject *keys)
     return out;
 fail:
     for (int j = 0; j < nk; j++)
-        keybuf_free(&k[j]);
+        if (enc[j])
+            keybuf_free(&k[j]);
     for (int j = 0; j < nit; j++)
         Py_DECREF(it[j]);
     Py_XDECREF(out);
