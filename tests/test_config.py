@@ -356,6 +356,16 @@ def test_pending_bytes_must_hold_a_largest_frame() -> None:
         load_serve_config(None, {"WALCACHE_MAX_PENDING_BYTES": "32M"})
 
 
+def test_key_and_value_limits_stop_at_what_the_shared_table_holds() -> None:
+    from walcache.shm.layout import MAX_KEY_BYTES, MAX_VALUE_BYTES
+
+    assert ServeConfig(max_key_bytes=MAX_KEY_BYTES).max_key_bytes == MAX_KEY_BYTES
+    with pytest.raises(walcache.ConfigError, match="max_key_bytes.*at most 65535"):
+        ServeConfig(max_key_bytes=MAX_KEY_BYTES + 1)
+    with pytest.raises(walcache.ConfigError, match="max_value_bytes.*at most"):
+        ServeConfig(max_value_bytes=MAX_VALUE_BYTES + 1, max_frame_bytes=8 << 30, max_pending_bytes=8 << 30)
+
+
 def test_memory_limit_must_hold_one_largest_entry() -> None:
     with pytest.raises(walcache.ConfigError, match=r"max_memory=512K \(--max-memory\) cannot hold"):
         load_serve_config(flags("--max-memory", "512K"), {})

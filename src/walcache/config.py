@@ -50,6 +50,7 @@ from typing import Any, ClassVar
 
 from .errors import ConfigError
 from .paths import default_data_dir, default_socket_path
+from .shm.layout import MAX_KEY_BYTES, MAX_VALUE_BYTES
 
 __all__ = [
     "ServeConfig",
@@ -116,9 +117,11 @@ def format_size(n: int) -> str:
     return str(n)
 
 
-def _size(minimum: int) -> Callable[[str, object, str], object]:
+def _size(minimum: int, maximum: int | None = None) -> Callable[[str, object, str], object]:
     def coerce(name: str, raw: object, source: str) -> int:
-        expected = f"expected a size like 512M or 2G (bytes, at least {format_size(minimum)})"
+        expected = f"expected a size like 512M or 2G (bytes, at least {format_size(minimum)}" + (
+            f", at most {format_size(maximum)})" if maximum is not None else ")"
+        )
         if isinstance(raw, bool):
             raise _fail(name, raw, source, expected)
         if isinstance(raw, int):
@@ -130,7 +133,7 @@ def _size(minimum: int) -> Callable[[str, object, str], object]:
                 raise _fail(name, raw, source, expected) from None
         else:
             raise _fail(name, raw, source, expected)
-        if value < minimum:
+        if value < minimum or (maximum is not None and value > maximum):
             raise _fail(name, raw, source, expected)
         return value
 
@@ -431,13 +434,15 @@ SERVE_OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("fsync_interval_ms", _integer(1, 3_600_000, " (ms)"), "Sync period for --fsync interval.", "MS"),
     OptionSpec(
         "busy_poll_us", _integer(0, 10_000, " (us)"),
-        "After answering, poll the sockets this long before sleeping, while no sync is in flight: a "
-        "client's next request is then read without a wake-up (costly in VMs). Stops by itself while "
-        "polls find nothing; 0 turns it off." + _RELOAD,
+        "After a round that read a request, while no fdatasync is in flight, poll the sockets this long "
+        "before sleeping: a client's next request is then read without a wake-up (costly in VMs). Helps "
+        "one writing connection most. Stops by itself while polls find nothing; 0 turns it off." + _RELOAD,
         "US",
     ),
-    OptionSpec("max_key_bytes", _size(1), "Largest encoded key." + _RELOAD, "SIZE"),
-    OptionSpec("max_value_bytes", _size(1), "Largest encoded value." + _RELOAD, "SIZE"),
+    # At most what the shared table's layout can hold: a larger limit would let a key or a
+    # value be logged that the table then refuses, halfway through a put_many.
+    OptionSpec("max_key_bytes", _size(1, MAX_KEY_BYTES), "Largest encoded key." + _RELOAD, "SIZE"),
+    OptionSpec("max_value_bytes", _size(1, MAX_VALUE_BYTES), "Largest encoded value." + _RELOAD, "SIZE"),
     OptionSpec(
         "max_frame_bytes", _size(1),
         "Largest request frame; must hold a put_many of one largest key and value." + _RELOAD, "SIZE",

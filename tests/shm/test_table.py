@@ -382,14 +382,19 @@ def test_the_reserve_is_committed_only_as_it_is_used(namespace: str) -> None:
         t.close(unlink=True)
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["bound", "exact"])
 @pytest.mark.parametrize("seed", range(4))
-def test_a_reserve_is_enough_for_its_batch_and_a_refused_one_changes_nothing(namespace: str, seed: int) -> None:
-    """reserve(keys, words) either makes room for a whole batch or raises, leaving the table as it was.
+def test_a_reserve_is_enough_for_its_batch_and_a_refused_one_changes_nothing(
+    namespace: str, seed: int, exact: bool
+) -> None:
+    """reserve either makes room for a whole batch or raises, leaving the table as it was.
 
-    After a reserve that returned, putting that many keys of that many words neither
-    rebuilds (the segment keeps its name) nor claims memory: a full /dev/shm can no
-    longer stop a put_many halfway. Batches of new keys, overwrites of other sizes and
-    deletes, drawn from a seeded generator, until /dev/shm (6 MiB here) is full.
+    After a reserve that returned, applying the batch neither rebuilds (the segment keeps
+    its name) nor claims memory: a full /dev/shm can no longer stop a put_many halfway.
+    Batches of new keys, overwrites of the same and of other sizes, puts with an expiry
+    and deletes, drawn from a seeded generator, until /dev/shm (6 MiB here) is full;
+    reserved by the bound alone (every put a new key) or, when that does not fit, by the
+    exact changes.
     """
     import random
 
@@ -401,14 +406,24 @@ def test_a_reserve_is_enough_for_its_batch_and_a_refused_one_changes_nothing(nam
     t.publish()
     r = ShmReader(namespace)
     model: dict[bytes, bytes] = {}
+    sizes = [rng.randrange(1, 30_000) for _ in range(40)]  # few sizes: overwrites in place and reuse happen
     seqno = refused = applied = 0
     try:
         for _ in range(300):
-            batch = [(encode_key(rng.randrange(3000)), rng.randbytes(rng.randrange(1, 30_000)))
-                     for _ in range(rng.randrange(1, 40))]  # fmt: skip
+            batch: list[tuple[bytes, bytes | None, int]] = []
+            for _ in range(rng.randrange(1, 40)):
+                key = encode_key(rng.randrange(3000))
+                if rng.random() < 0.1:
+                    batch.append((key, None, 0))
+                else:
+                    expiry = FUTURE if rng.random() < 0.1 else 0
+                    batch.append((key, rng.randbytes(rng.choice(sizes)), expiry))
+            puts = [(k, v) for k, v, _ in batch if v is not None]
+            words = sum(layout.chunk_words(len(k), len(v)) for k, v in puts)
+            changes = [(k, -1 if v is None else len(v), x != 0) for k, v, x in batch]
             name, claimed = t.name, ops.claimed
             try:
-                t.reserve(len(batch), sum(layout.chunk_words(len(k), len(v)) for k, v in batch))
+                t.reserve(len(puts), words, (lambda: changes) if exact else None)
             except CacheFull as exc:
                 assert "/dev/shm is full" in str(exc)
                 refused += 1
@@ -416,13 +431,13 @@ def test_a_reserve_is_enough_for_its_batch_and_a_refused_one_changes_nothing(nam
                 assert {k: v for k, _, v, _, _ in t.items()} == model  # nothing changed
                 continue
             name, claimed = t.name, ops.claimed
-            for k, v in batch:
+            for k, v, x in batch:
                 seqno += 1
-                if rng.random() < 0.1:
+                if v is None:
                     t.delete(k, seqno)
                     model.pop(k, None)
                 else:
-                    t.put(k, 0, v, seqno, 0)
+                    t.put(k, 0, v, seqno, x)
                     model[k] = v
             applied += 1
             assert (t.name, ops.claimed) == (name, claimed)  # no rebuild, no claim: nothing could fail
@@ -432,6 +447,52 @@ def test_a_reserve_is_enough_for_its_batch_and_a_refused_one_changes_nothing(nam
             assert r.get(k) == (0, v)
     finally:
         r.close()
+        t.close(unlink=True)
+
+
+def test_a_full_dev_shm_still_takes_overwrites_reused_chunks_and_repeated_keys(namespace: str) -> None:
+    """With /dev/shm full, reserve with the exact changes lets through what needs no new
+    memory: an overwrite of the same size, a put into a chunk a delete freed, and a
+    put_many repeating one key many times (which also does not grow the table)."""
+    from walcache.shm.writer import FaultyShmOps
+
+    ops = FaultyShmOps(limit=1 << 20)
+    t = ShmTable.create(namespace, capacity=16, data_bytes=4096, shmops=ops)
+    try:
+        value = b"v" * 1000
+        nw = layout.chunk_words(4, len(value))
+        seqno = 0
+        with pytest.raises(CacheFull):
+            for i in range(10_000):  # until /dev/shm is full
+                key = b"k%03d" % i
+                t.reserve(1, nw, lambda: [(key, len(value), False)])
+                seqno += 1
+                t.put(key, 0, value, seqno, 0)
+        n = len(t)
+        assert n > 100
+        name, claimed = t.name, ops.claimed
+        # A new key of the same size is refused, an overwrite is not.
+        with pytest.raises(CacheFull, match="/dev/shm is full"):
+            t.reserve(1, nw, lambda: [(b"new!", len(value), False)])
+        t.reserve(1, nw, lambda: [(b"k000", len(value), False)])
+        seqno += 1
+        t.put(b"k000", 0, b"w" * 1000, seqno, 0)
+        # A put_many of one key a million times: one in-place chunk at most.
+        t.reserve(10**6, 10**6 * nw, lambda: [(b"k001", len(value), False)] * 10**6)
+        # Deleting two keys frees two chunks of that size: two new keys fit, a third does not.
+        for key in (b"k002", b"k003"):
+            seqno += 1
+            t.delete(key, seqno)
+        fresh = [(b"n%03d" % i, len(value), False) for i in range(3)]
+        t.reserve(2, 2 * nw, lambda: fresh[:2])
+        with pytest.raises(CacheFull):
+            t.reserve(3, 3 * nw, lambda: fresh)
+        for i in range(2):
+            seqno += 1
+            t.put(b"n%03d" % i, 0, value, seqno, 0)
+        assert (t.name, ops.claimed) == (name, claimed)  # nothing rebuilt, nothing claimed
+        assert len(t) == n and t.lookup(b"k000") is not None and t.lookup(b"n001") is not None
+    finally:
         t.close(unlink=True)
 
 

@@ -57,6 +57,7 @@ import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -520,7 +521,11 @@ class Daemon:
         """``select(timeout)``, after polling without sleeping for up to --busy-poll-us.
 
         Used after a round that read a request, while no sync is in flight (while one
-        is, the clients are waiting for it and polling only takes CPU from it). A
+        is, the clients are waiting for it and polling only takes CPU from it). So it
+        serves a connection that writes alone (its sync runs on this thread), reads
+        handed to the daemon and the other fsync policies; with several connections
+        writing under --fsync always, replies go out in rounds the flusher's pipe
+        starts, and those do not poll. A
         thread woken from epoll_wait costs tens of microseconds here, more in a VM
         (the waker sends an interrupt to a halted vCPU): one client's durable put took
         175-200 us p50 sleeping and 140 us polling, with fdatasync at 85 us, and less
@@ -536,7 +541,7 @@ class Daemon:
         self.polls += 1
         select = self.sel.select
         start = time.perf_counter()
-        deadline = start + self.cfg.busy_poll_us / 1e6
+        deadline = start + min(self.cfg.busy_poll_us / 1e6, timeout)  # never past the tick
         while True:
             events = select(0)
             if events:
@@ -672,7 +677,9 @@ class Daemon:
                 if words:
                     # Room in the shared table for this write and every one before it
                     # that is not applied yet: applying a logged record must not fail.
-                    self.table.reserve(self.pending_puts + len(ops), self.pending_words + words)
+                    self.table.reserve(
+                        self.pending_puts + len(ops), self.pending_words + words, lambda: self._unapplied(ops)
+                    )
             except WalcacheError as exc:
                 self._answer_now_or_queue(conn, req_id, exc)
                 return
@@ -774,6 +781,16 @@ class Daemon:
         if not keys:
             raise ProtocolError("delete_many needs at least one key")
         return [(OP_DELETE, key, 0, b"", 0) for key in keys], 0, 0
+
+    def _unapplied(self, ops: list[Any]) -> Iterator[tuple[bytes, int, bool]]:
+        """The changes of every write not yet applied, then of ``ops``, for ShmTable.reserve."""
+        for it in self.queue:
+            if it.kind == "write":
+                assert it.ops is not None
+                for optype, key, _vflag, value, expiry in it.ops:
+                    yield key, len(value) if optype == OP_PUT else -1, expiry != 0
+        for optype, key, _vflag, value, expiry in ops:
+            yield key, len(value) if optype == OP_PUT else -1, expiry != 0
 
     def _overwritten_footprint(self, entries: list[Any]) -> int:
         freed = 0

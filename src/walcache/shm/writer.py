@@ -33,7 +33,7 @@ import os
 import secrets
 import struct
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 
 import posix_ipc
@@ -518,28 +518,81 @@ class ShmTable:
         old = footprint(len(key), seg.q[w + R_LENS] & LOC_MASK) if w else 0
         return self.used_bytes - old + footprint(len(key), vlen) <= self.max_memory
 
-    def reserve(self, keys: int, words: int) -> None:
-        """Make room now for ``keys`` more keys and ``words`` more data words, or raise CacheFull.
+    def reserve(
+        self, keys: int, words: int, changes: Callable[[], Iterable[tuple[bytes, int, bool]]] | None = None
+    ) -> None:
+        """Make room now for what some writes will take when applied, or raise CacheFull.
 
         The daemon reserves for every write not yet applied before it logs one more, so
         that applying a logged record never needs shared memory it cannot get: a full
         /dev/shm refuses the write whole, before anything of it is logged or visible,
-        instead of failing a put_many halfway through its ops. Sufficient because a put
-        takes at most one slot and ``chunk_words`` words from the bump area (a free
-        chunk only saves that), and nothing else takes either: after this returns,
-        puts of that many keys and words neither rebuild nor claim memory. When the
-        current segment is short, this rebuilds as put would (growing it); when the
-        memory cannot be had, nothing changes.
+        instead of failing a put_many halfway through its ops. ``keys`` and ``words``
+        bound what the writes take: a put takes at most one index slot and
+        ``chunk_words`` words of the bump area, and nothing else takes either (deletes
+        and tombstone reuse leave live + tombstones as they are). After this returns,
+        applying writes within that bound neither rebuilds nor claims memory.
+
+        That bound counts every put as a new key of new words. When it does not fit,
+        ``changes()`` (the writes, in order, as ``(key, value length or -1 for a
+        delete, has an expiry)``) gives the exact need instead (see ``_need``): an
+        overwrite of the same size takes nothing, and chunks on the free lists serve
+        new ones first. So a full /dev/shm still takes overwrites and reuses what
+        deletes freed, and a put_many repeating one key does not grow the table.
+        When the segment is short even then, this rebuilds as put would (growing it);
+        when the memory cannot be had, nothing changes.
         """
         seg = self._seg
         assert seg is not None, "table is closed"
         if self._live + self._tombstones + keys <= seg.capacity * MAX_LOAD and (seg.top + words) << 3 <= seg.committed:
             return  # the usual case: already there (committed pages never pass the segment's end)
+        if changes is not None:
+            keys, chunks = self._need(changes())
+            # Chunks of each size come from its free list first, while the segment stays.
+            words = sum(max(0, n - len(seg.free.get(nw, ()))) * nw for nw, n in chunks.items())
         if self._live + self._tombstones + keys > seg.capacity * MAX_LOAD or seg.top + words > seg.end_words:
-            self._rebuild(extra_words=words, extra_keys=keys)
+            if changes is not None:  # a rebuild leaves no free lists: every chunk from the bump area
+                words = sum(n * nw for nw, n in chunks.items())
+            try:
+                self._rebuild(extra_words=words, extra_keys=keys)
+            except (OSError, posix_ipc.Error) as exc:
+                raise CacheFull(f"cannot grow the shared table ({type(exc).__name__}: {exc})") from exc
             seg = self._seg
             assert seg is not None
         seg.commit((seg.top + words) << 3)
+
+    def _need(self, changes: Iterable[tuple[bytes, int, bool]]) -> tuple[int, dict[int, int]]:
+        """(index slots, {chunk words: chunks}) that applying ``changes`` in order takes at most.
+
+        Follows each key through the changes from what the table holds now: a put of a
+        key that is absent takes a slot and a chunk; of a key whose chunk has another
+        size, a chunk; of the same size, nothing (rewritten in place). A put with an
+        expiry may be applied as a delete, so the key counts as absent after it.
+        Chunks the changes free are not counted: this only overestimates. Nothing else
+        between now and the apply can make it wrong: purge_expired only turns a key
+        into a tombstone on its own probe path (which its next put reuses) and a free
+        chunk of its own size.
+        """
+        seg = self._seg
+        assert seg is not None, "table is closed"
+        q = seg.q
+        size_now: dict[bytes, int] = {}  # chunk words of the key after the changes so far; 0: absent
+        slots = 0
+        chunks: dict[int, int] = {}
+        for key, vlen, expires in changes:
+            old = size_now.get(key)
+            if old is None:
+                _, w = self._probe(seg, key, hash_key(key))
+                old = chunk_words(len(key), q[w + R_LENS] & LOC_MASK) if w else 0
+            if vlen < 0:
+                size_now[key] = 0
+                continue
+            nw = chunk_words(len(key), vlen)
+            if old == 0:
+                slots += 1
+            if old != nw:
+                chunks[nw] = chunks.get(nw, 0) + 1
+            size_now[key] = 0 if expires else nw
+        return slots, chunks
 
     def purge_expired(self, max_slots: int = 4096) -> int:
         """Free up to ``max_slots`` slots' worth of expired entries; returns how many.
