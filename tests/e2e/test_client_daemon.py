@@ -233,18 +233,29 @@ def test_a_child_forked_while_the_parent_holds_the_client_lock_does_not_deadlock
                 code = 0
             finally:
                 os._exit(code)
+        closer = os.fork()  # a child that only closes the Client it inherited
+        if closer == 0:
+            code = 1
+            try:
+                c.close()
+                code = 0
+            finally:
+                os._exit(code)
     deadline = time.monotonic() + 20
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child deadlocked on the inherited client lock")
-        time.sleep(0.02)
-    assert os.waitstatus_to_exitcode(status) == 0
+    for child in (pid, closer):
+        while True:
+            done, status = os.waitpid(child, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(child, signal.SIGKILL)
+                os.waitpid(child, 0)
+                pytest.fail("the forked child deadlocked on the inherited client lock")
+            time.sleep(0.02)
+        assert os.waitstatus_to_exitcode(status) == 0
     assert c.get("k") == pid
+    c.put("k", "parent")  # the child's close left the parent's socket alone
+    assert c.get("k") == "parent"
     c.close()
 
 

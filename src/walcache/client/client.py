@@ -100,7 +100,6 @@ class Client(MutableMapping[Key, Any]):
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._proto = ClientProtocol()
-        self._pid = os.getpid()
         self._forks = _forks
         self._rbuf = bytearray(RECV_BUFFER_BYTES)
         self._rview = memoryview(self._rbuf)
@@ -146,7 +145,6 @@ class Client(MutableMapping[Key, Any]):
         self._poller.register(sock, select.POLLIN)
         self._poll_ms = max(1, math.ceil(self.timeout * 1000))
         self._proto = ClientProtocol()
-        self._pid = os.getpid()
         self._forks = _forks
         try:
             info = self._roundtrip(*self._proto.hello())
@@ -221,7 +219,6 @@ class Client(MutableMapping[Key, Any]):
             # fork; the mapping is fine to share.
             self._lock = threading.Lock()
             self._sock = None
-            self._pid = os.getpid()
             self._forks = _forks
         with self._lock:
             fresh = False
@@ -386,10 +383,13 @@ class Client(MutableMapping[Key, Any]):
         if self._closed:
             return
         self._closed = True
-        with self._lock:
-            if self._pid == os.getpid():
-                self._drop_socket()
+        if self._forks != _forks:
+            # Forked since the socket was opened: the socket and the lock are the
+            # parent's (a parent thread may have held the lock at the fork).
             self._sock = None
+        else:
+            with self._lock:
+                self._drop_socket()
         self._fast_get = _closed_get
         reader, self._reader = self._reader, None
         if reader is not None:

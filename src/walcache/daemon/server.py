@@ -58,6 +58,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -78,7 +79,7 @@ from ..errors import (
 )
 from ..paths import ensure_private_dir, shm_namespace
 from ..protocol import PROTOCOL_VERSION, BadRequest, Request, ServerProtocol
-from ..shm.layout import chunk_words
+from ..shm.layout import SLOT_SIZE, chunk_words
 from ..shm.writer import ShmOps, ShmTable
 from . import notify
 from .apply import OP_DELETE, OP_PUT, Applier, DictTable
@@ -752,7 +753,7 @@ class Daemon:
                 )
             expiry = _now_ms() + ttl_ms if ttl_ms else 0
             ops = []
-            need = words = 0
+            words = 0
             for key, vflag, value in entries:
                 self._check_key(key)
                 if len(value) > cfg.max_value_bytes:
@@ -760,11 +761,11 @@ class Daemon:
                         f"value of {len(value)} bytes exceeds max_value_bytes={cfg.max_value_bytes}"
                     )
                 check_encoded_value(vflag, value)
-                need += self.table.footprint(len(key), len(value))
                 words += chunk_words(len(key), len(value))
                 ops.append((OP_PUT, key, vflag, value, expiry))
             if not ops:
                 raise ProtocolError("put_many needs at least one entry")
+            need = (words << 3) + len(ops) * SLOT_SIZE  # the footprint of every entry (layout.footprint)
             limit = cfg.max_memory
             if limit and self.table.used_bytes + self.pending_footprint + need > limit:
                 # Near the limit, count what the overwritten values give back.
@@ -784,12 +785,8 @@ class Daemon:
 
     def _unapplied(self, ops: list[Any]) -> Iterator[tuple[bytes, int, bool]]:
         """The changes of every write not yet applied, then of ``ops``, for ShmTable.reserve."""
-        for it in self.queue:
-            if it.kind == "write":
-                assert it.ops is not None
-                for optype, key, _vflag, value, expiry in it.ops:
-                    yield key, len(value) if optype == OP_PUT else -1, expiry != 0
-        for optype, key, _vflag, value, expiry in ops:
+        pending = [it.ops for it in self.queue if it.kind == "write" and it.ops is not None]
+        for optype, key, _vflag, value, expiry in chain.from_iterable((*pending, ops)):
             yield key, len(value) if optype == OP_PUT else -1, expiry != 0
 
     def _overwritten_footprint(self, entries: list[Any]) -> int:
