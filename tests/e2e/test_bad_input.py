@@ -155,6 +155,41 @@ def test_allowlist_refuses_other_uids(ws: Workspace) -> None:
     s.close()
 
 
+def test_a_refused_client_is_told_why(ws: Workspace) -> None:
+    """--max-connections: a Client past the limit gets the daemon's reason as DaemonUnavailable,
+    whichever comes first, the daemon's close or the client's hello (a broken pipe or a reply
+    with id 0 before the fix); once a connection is free, the same Client connects."""
+    d = ws.daemon().start("--max-connections", "1")
+    with d.client() as first:
+        first.put("k", b"v")
+        for _ in range(20):
+            with pytest.raises(walcache.DaemonUnavailable, match=r"refused the connection: it has 1 already \(--max-connections\)"):
+                d.client()
+        late = walcache.Client(d.socket_path, data_dir=d.data_dir)  # reads work without a socket
+        assert late.get("k") == b"v"
+        with pytest.raises(walcache.DaemonUnavailable, match="--max-connections"):
+            late.put("k2", b"w")
+    for _ in range(100):  # the daemon drops the closed connection in its next round
+        try:
+            late.put("k2", b"w")
+            break
+        except walcache.DaemonUnavailable:
+            time.sleep(0.05)
+    assert late.get("k2") == b"w"
+    late.close()
+
+
+def test_a_uid_outside_the_allowlist_is_told_why(ws: Workspace) -> None:
+    d = ws.daemon().start("--allow-uids", "4000000", wait=False)
+    for _ in range(500):
+        if d.socket_path.exists():
+            break
+        time.sleep(0.02)
+    for _ in range(5):
+        with pytest.raises(walcache.DaemonUnavailable, match="not in allow_uids"):
+            d.client()
+
+
 SHM_FULL_SERVE = Path(__file__).resolve().parents[1] / "shm_full_serve.py"
 
 

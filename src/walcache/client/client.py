@@ -171,7 +171,12 @@ class Client(MutableMapping[Key, Any]):
             sock.sendall(frame)
         except OSError as exc:
             # Nothing reached a live daemon (a dead one processes nothing): safe to resend.
+            # A daemon that refused this connection (--max-connections, --allow-uids)
+            # said why before it closed: that reason beats a broken pipe.
+            refusal = self._refusal(sock)
             self._drop_socket()
+            if refusal is not None:
+                raise refusal from None
             raise _NotSent(f"lost the daemon on {self.socket_path}: {exc}") from None
         proto = self._proto
         try:
@@ -197,17 +202,35 @@ class Client(MutableMapping[Key, Any]):
                 f"the daemon on {self.socket_path} did not answer within {self.timeout} s"
             ) from None
         except OSError as exc:
+            refusal = self._refusal(sock)
             self._drop_socket()
+            if refusal is not None:
+                raise refusal from None
             raise DaemonUnavailable(
                 f"lost the daemon on {self.socket_path} after sending the request ({exc}): "
                 "a write may or may not have been applied"
             ) from None
         if reply.req_id != req_id:
             self._drop_socket()
+            if reply.req_id == 0 and not reply.ok:
+                raise reply.value  # about the connection: the daemon refused it
             raise ProtocolError(f"reply for request {reply.req_id}, expected {req_id}")
         if not reply.ok:
             raise reply.value
         return reply.value
+
+    def _refusal(self, sock: socket.socket) -> WalcacheError | None:
+        """The daemon's reason for closing this connection (a reply with id 0), if it sent one."""
+        try:
+            sock.setblocking(False)
+            n = sock.recv_into(self._rbuf)
+            self._proto.receive_data(self._rview[:n])
+            reply = self._proto.next_reply()
+        except (OSError, WalcacheError):
+            return None
+        if reply is not None and reply.req_id == 0 and not reply.ok:
+            return reply.value
+        return None
 
     def _call(self, op: str, *args: Any) -> Any:
         """One request; reconnects once if the daemon restarted since the last call."""

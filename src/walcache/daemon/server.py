@@ -69,6 +69,7 @@ from ..config import ServeConfig, diff, format_value, group_id, load_serve_confi
 from ..errors import (
     CacheFull,
     ConfigError,
+    DaemonUnavailable,
     InvalidValue,
     KeyTooLarge,
     LogFailed,
@@ -602,14 +603,16 @@ class Daemon:
             )
             refuse = None
             if self.cfg.allow_uids is not None and uid not in self.cfg.allow_uids:
-                refuse = ProtocolError(f"uid {uid} is not in the daemon's allow_uids")
+                refuse = DaemonUnavailable(f"the daemon refused uid {uid}: it is not in allow_uids")
             elif len(self.conns) >= self.cfg.max_connections:
-                refuse = ProtocolError(
-                    f"too many connections ({self.cfg.max_connections}, --max-connections)"
+                refuse = DaemonUnavailable(
+                    f"the daemon refused the connection: it has {self.cfg.max_connections} "
+                    "already (--max-connections)"
                 )
             if refuse is not None:
                 log.warning("refused connection from pid %d uid %d: %s", pid, uid, refuse)
                 try:
+                    # Request id 0: about the connection, not a request (ids start at 1).
                     sock.setblocking(False)
                     sock.send(ServerProtocol.error(0, refuse))
                 except OSError:
