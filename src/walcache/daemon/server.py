@@ -226,8 +226,16 @@ class _Flusher(threading.Thread):
         writer = self.writer
         while True:
             if not jobs:
+                # --fsync interval: sleep until the unsynced writes are due, not a whole
+                # interval after the last append (a write would then wait up to twice the
+                # interval); with nothing unsynced, an interval (the loop thread may append
+                # meanwhile, without ringing the bell).
+                timeout = -1.0
+                if self.interval_s is not None:
+                    due_in = writer.sync_due_in()
+                    timeout = self.interval_s if due_in is None else due_in
                 # A spurious wake-up (a release for a job already taken) only loops once more.
-                if self._bell.acquire(timeout=-1 if self.interval_s is None else self.interval_s):
+                if self._bell.acquire(timeout=timeout):
                     continue
                 # --fsync interval: no batch for a while, sync what was written.
                 try:

@@ -242,6 +242,14 @@ class WalWriter:
             if self.policy == "interval" and self._due():
                 self._sync_locked()
 
+    def sync_due_in(self) -> float | None:
+        """Under ``interval``: seconds until the unsynced writes are due (0 if overdue), or
+        None when nothing is waiting for an fdatasync. The flusher sleeps this long, so
+        that no write waits more than the interval for its sync."""
+        if not self._dirty:
+            return None
+        return max(0.0, self._last_sync + self.interval_ms / 1000.0 - time.monotonic())
+
     def rotate(self) -> int:
         """Seal the current segment and start the next (steps 1-5); returns the sealed segno.
 
