@@ -41,6 +41,7 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--socket",
         help="the daemon's socket (default: $WALCACHE_SOCKET, else "
+        "$RUNTIME_DIRECTORY/walcache.sock under systemd, else "
         "$XDG_RUNTIME_DIR/walcache/walcache.sock, else /tmp/walcache-$UID/walcache.sock)",
     )
     p.add_argument(
@@ -272,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except WalcacheError as exc:
         print(f"walcache: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # e.g. a data dir that cannot be made: a message, not a traceback
+        print(f"walcache: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -147,6 +148,33 @@ def test_cli_serve_refuses_bad_config_naming_the_source(ws: Workspace) -> None:
         env=dict(os.environ, WALCACHE_MAX_MEMORY="12Q"), capture_output=True, timeout=60,
     )
     assert r.returncode == 2 and b"WALCACHE_MAX_MEMORY" in r.stderr
+
+
+def test_cli_serve_reports_an_unusable_data_dir_with_exit_4(ws: Workspace) -> None:
+    blocker = ws.root / "a-file"
+    blocker.write_text("not a directory")
+    r = subprocess.run(
+        [sys.executable, "-m", "walcache", "serve", "--data-dir", str(blocker / "d"),
+         "--socket", str(ws.root / "s.sock")],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 4, r.stderr
+    assert b"Not a directory" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_a_second_daemon_on_a_taken_socket_leaves_no_table_behind(ws: Workspace) -> None:
+    """Another data dir, the same socket: refused (exit 2) before recovery, so it publishes no
+    shared table for its data dir; the first daemon keeps its socket and serves on."""
+    a = ws.daemon(name="a").start()
+    b = ws.daemon(name="b")
+    b.socket_path = a.socket_path
+    b.start(wait=False)
+    assert b.proc is not None and b.proc.wait(30) == 2
+    assert "another daemon already listens" in b.log()
+    assert not list(Path("/dev/shm").glob(f"{b.namespace}*"))
+    with a.client() as c:
+        c.put("still", b"here")
+        assert c.get("still") == b"here"
 
 
 def test_check_log_reports_and_repair_truncates(ws: Workspace) -> None:

@@ -375,6 +375,9 @@ class Daemon:
         ensure_private_dir(self.data_dir)
         self.lock = DataDirLock(self.data_dir)
         self.lock.acquire()
+        # Refused before recovery and before a table is published for this data dir;
+        # _listen looks again, for a daemon that started listening meanwhile.
+        self._refuse_a_taken_socket()
         gid = _group_id(cfg.shm_group)
         t0 = time.perf_counter()
         # Replay into a dict through the same apply_ops as live writes, then build
@@ -423,21 +426,26 @@ class Daemon:
         self.flusher = _Flusher(self.writer, wfd, interval)
         self.flusher.start()
 
-    def _listen(self) -> None:
+    def _refuse_a_taken_socket(self) -> None:
+        """ConfigError if a daemon answers on our socket path; a dead daemon's socket is removed."""
         path = self.socket_path
-        ensure_private_dir(path.parent)
         if path.exists() or path.is_symlink():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(str(path))
             except OSError:
-                path.unlink()  # a dead daemon's socket: safe to replace
+                path.unlink(missing_ok=True)  # a dead daemon's socket: safe to replace
             else:
                 raise ConfigError(
                     f"another daemon already listens on {path}: stop it or pass another --socket"
                 )
             finally:
                 probe.close()
+
+    def _listen(self) -> None:
+        path = self.socket_path
+        ensure_private_dir(path.parent)
+        self._refuse_a_taken_socket()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # no window where the socket is wider than asked
         try:
