@@ -97,7 +97,6 @@ def test_abstract_socket_address(abstract_receiver: Receiver) -> None:
         (lambda env: notify.watchdog(environ=env), b"WATCHDOG=1"),
         (lambda env: notify.status("42 keys, log 1.2 MiB", environ=env), b"STATUS=42 keys, log 1.2 MiB"),
         (lambda env: notify.ready(environ=env), b"READY=1"),
-        (lambda env: notify.extend_timeout(2.5, environ=env), b"EXTEND_TIMEOUT_USEC=2500000"),
         (lambda env: notify.notify("A=1", "B=two words", environ=env), b"A=1\nB=two words"),
     ],
 )

@@ -1,6 +1,6 @@
 """Default locations: data dir, socket, shared-memory names.
 
-Defaults work for a user without root (see ARCHITECTURE.md):
+Defaults work for a user without root (README.md, "Running the daemon"):
 
 - data dir: ``$STATE_DIRECTORY`` under systemd, else ``$XDG_STATE_HOME/walcache``,
   else ``~/.local/state/walcache``;

@@ -15,7 +15,6 @@ What walcache sends and when (the daemon decides the moments):
   pings so that systemd kills and restarts it (``WatchdogSec=``). systemd arms
   the watchdog only once start-up completes, so recovery needs no pings.
 - ``RELOADING=1`` then ``READY=1`` around a SIGHUP reload.
-- ``EXTEND_TIMEOUT_USEC=`` during a recovery longer than ``TimeoutStartSec=``.
 - ``STOPPING=1`` when SIGTERM starts the drain.
 
 Without ``$NOTIFY_SOCKET`` (not started by systemd) every call is a no-op
@@ -39,7 +38,6 @@ __all__ = [
     "stopping",
     "reloading",
     "watchdog",
-    "extend_timeout",
     "watchdog_interval",
 ]
 
@@ -121,13 +119,6 @@ def reloading(*, environ: Mapping[str, str] | None = None) -> bool:
 def watchdog(*, environ: Mapping[str, str] | None = None) -> bool:
     """``WATCHDOG=1``: the event loop is alive. Call at least every watchdog_interval()."""
     return notify("WATCHDOG=1", environ=environ)
-
-
-def extend_timeout(seconds: float, *, environ: Mapping[str, str] | None = None) -> bool:
-    """``EXTEND_TIMEOUT_USEC``: the current start/stop step needs ``seconds`` more from now."""
-    if seconds <= 0:
-        raise ValueError(f"extend_timeout needs a positive number of seconds, got {seconds}")
-    return notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}", environ=environ)
 
 
 def watchdog_interval(

@@ -16,7 +16,7 @@ as the next batch at once, without a round trip through the loop. One fdatasync
 acknowledges all of it. The requests wait in ``queue``, in arrival order, until
 the batch holding their record is durable.
 
-The write path, in this order (ARCHITECTURE.md, "The write path"):
+The write path, in this order (the architecture contract):
 
 1. a request arrives and is validated; its record is encoded (seqno assigned);
 2. the flusher writes the batch and, under ``--fsync always``, fdatasyncs it;
