@@ -138,12 +138,18 @@ def test_reads_in_a_pipeline_see_the_writes_before_them(ws: Workspace) -> None:
     s.close()
 
 
+def wait_for_socket(path: Path) -> None:
+    """For a daemon whose readiness check cannot connect (it refuses our uid)."""
+    for _ in range(500):
+        if path.exists():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no socket at {path} after 10 s")
+
+
 def test_allowlist_refuses_other_uids(ws: Workspace) -> None:
     d = ws.daemon().start("--allow-uids", "4000000", wait=False)
-    for _ in range(500):
-        if d.socket_path.exists():
-            break
-        time.sleep(0.02)
+    wait_for_socket(d.socket_path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect(str(d.socket_path))
@@ -181,10 +187,7 @@ def test_a_refused_client_is_told_why(ws: Workspace) -> None:
 
 def test_a_uid_outside_the_allowlist_is_told_why(ws: Workspace) -> None:
     d = ws.daemon().start("--allow-uids", "4000000", wait=False)
-    for _ in range(500):
-        if d.socket_path.exists():
-            break
-        time.sleep(0.02)
+    wait_for_socket(d.socket_path)
     for _ in range(5):
         with pytest.raises(walcache.DaemonUnavailable, match="not in allow_uids"):
             d.client()
