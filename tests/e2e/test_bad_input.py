@@ -193,7 +193,7 @@ def test_a_uid_outside_the_allowlist_is_told_why(ws: Workspace) -> None:
             d.client()
 
 
-SHM_FULL_SERVE = Path(__file__).resolve().parents[1] / "shm_full_serve.py"
+FAULTY_SERVE = Path(__file__).resolve().parents[1] / "faulty_serve.py"
 
 
 def test_a_full_dev_shm_refuses_a_put_many_whole_and_the_daemon_lives_on(ws: Workspace) -> None:
@@ -201,7 +201,7 @@ def test_a_full_dev_shm_refuses_a_put_many_whole_and_the_daemon_lives_on(ws: Wor
     whole with CacheFull before it is logged; none of it is visible, the daemon keeps serving,
     and a restart finds every acknowledged write and nothing of the refused batch."""
     d = ws.daemon()
-    d.launcher = [sys.executable, str(SHM_FULL_SERVE), str(4 << 20)]
+    d.launcher = [sys.executable, str(FAULTY_SERVE), "--shm-limit", str(4 << 20)]
     d.start()
     acked = {f"k{i}": b"v" * 1000 for i in range(20)}
     big = {f"big{i}": bytes([i]) * 30_000 for i in range(150)}  # 4.5 MB: more than is left
@@ -225,3 +225,52 @@ def test_a_full_dev_shm_refuses_a_put_many_whole_and_the_daemon_lives_on(ws: Wor
     with d.client() as c:
         assert c.get_many([*acked, *big]) == acked
         assert len(c) == len(acked)
+
+
+@pytest.mark.parametrize("connections", [1, 2], ids=["loop-thread-sync", "flusher-sync"])
+def test_a_failed_fdatasync_is_never_acked_nor_applied_and_stops_the_daemon(ws: Workspace, connections: int) -> None:
+    """The log's fdatasyncs fail with EIO from the 4th on (through FaultyFileOps): the put whose
+    sync failed gets LogFailed and is not published, the daemon exits 1, and the next start finds
+    every put acknowledged before. One connection syncs on the loop thread; with a second one
+    open the flusher thread does."""
+    d = ws.daemon()
+    d.launcher = [sys.executable, str(FAULTY_SERVE), "--fail-fsync-from", "4"]
+    d.start()
+    idle = [d.client() for _ in range(connections - 1)]
+    for c in idle:
+        c.ping()
+    acked: dict[str, bytes] = {}
+    failed = None
+    with d.client() as c:
+        for i in range(10):
+            try:
+                c.put(f"k{i}", b"v%d" % i)
+            except walcache.LogFailed:
+                failed = f"k{i}"
+                break
+            acked[f"k{i}"] = b"v%d" % i
+        assert failed is not None and acked, "the 4th fdatasync should fail a put"
+        assert c.get(failed) is None  # never published
+        assert c.get_many(list(acked)) == acked
+    assert d.proc is not None and d.proc.wait(30) == 1
+    assert "fdatasync" in d.log()
+    for c in idle:
+        c.close()
+    d.launcher = [sys.executable, "-m", "walcache"]
+    d.start()
+    with d.client() as c:
+        assert c.get_many(list(acked)) == acked
+
+
+def test_max_memory_holds_for_a_pipelined_burst(ws: Workspace) -> None:
+    """600 puts of 900 B pipelined in one send, three times --max-memory: the writes logged but not
+    yet applied count against the limit too, so the table never grows past it."""
+    limit = 200 << 10
+    d = ws.daemon().start("--max-key-bytes", "64", "--max-value-bytes", "1000", "--max-memory", str(limit))
+    s, proto = raw_conn(str(d.socket_path))
+    s.sendall(b"".join(proto.request("put", b"sfill%d" % i, 1, b"v" * 900, None)[1] for i in range(600)))
+    replies = [read_reply(s, proto) for _ in range(600)]
+    s.close()
+    assert any(not r.ok and isinstance(r.value, walcache.CacheFull) for r in replies)
+    with d.client() as c:
+        assert c.stats()["live_bytes"] <= limit
