@@ -25,6 +25,7 @@ from walcache.daemon.fileops import FaultyFileOps, FileOps, SimulatedCrash
 from walcache.daemon.lock import DataDirLock
 from walcache.daemon.recovery import check_log, open_log
 from walcache.daemon.walformat import OP_DELETE, OP_PUT, SEGMENT_HEADER_SIZE, decode_record, segment_name
+from walcache.daemon.walreader import nonzero_end
 
 from .bytesurgery import (
     all_records,
@@ -663,3 +664,17 @@ def test_check_log_repair_of_records_missing_at_the_end_of_a_sealed_segment(tmp_
     writer.close()
     _, report2, _ = recover(tmp_path)
     assert report2.last_seqno == recs[-2].seqno - 1 + 60
+
+
+def test_the_zeroed_torn_tail_survives_a_power_cut_right_after_open(tmp_path: Path) -> None:
+    """Recovery zeroes a torn tail and syncs it before it appends: a power cut right after open
+    must not bring the torn bytes back (the next records would follow garbage)."""
+    src, written, buf = _one_segment_log(tmp_path, 10, seed=12)
+    last = records_in(src / SEG1)[-1]
+    truncate_at(src / SEG1, last.offset + 30)
+    fo = FaultyFileOps()
+    writer, report, _ = recover(src, fileops=fo)
+    assert report.truncated_bytes > 0
+    fo.drop_unsynced()  # power cut before the first new record
+    data = (src / SEG1).read_bytes()
+    assert nonzero_end(data, report.truncated_offset) == report.truncated_offset

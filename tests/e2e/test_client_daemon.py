@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 import pytest
 
 import walcache
+from walcache.protocol import FRAME_HEADER
 from walcache_testing import Workspace, unlink_segments
 
 
@@ -326,3 +328,102 @@ def test_busy_poll_reads_back_to_back_requests_and_backs_off_when_they_stop(ws: 
         for i in range(50):
             c.put(f"k{i}", i)
         assert c.stats()["busy_polls"] == 0
+
+
+def test_parent_and_child_use_the_client_concurrently_after_fork(ws: Workspace) -> None:
+    """After a fork both sides send at once and tell their replies apart (a put then a delete
+    that finds the key in the child, deletes of absent keys in the parent): a child that kept the
+    parent's socket would take some of the parent's replies (a wrong bool, or a request id out of
+    order), which identical replies would hide."""
+    d = ws.daemon().start()
+    c = d.client()
+    c.put("before", 1)  # connected before the fork
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.write(w, b"go")
+            for i in range(300):
+                c.put(f"c{i}", i)
+                if c.delete(f"c{i}") is not True:
+                    os._exit(2)
+            code = 0
+        except BaseException:
+            code = 3
+        finally:
+            os._exit(code)
+    os.close(w)
+    assert os.read(r, 2) == b"go"
+    for i in range(300):
+        assert c.delete(f"nope{i}") is False  # replies that are the parent's own
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    c.close()
+
+
+def _proxy(listen: socket.socket, target: str, drop_after_replies: int) -> None:
+    """Forward unix-socket connections; on the first one, cut it instead of forwarding reply #n."""
+    first = True
+    while True:
+        try:
+            cs, _ = listen.accept()
+        except OSError:
+            return
+        ds = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ds.connect(target)
+        limit = drop_after_replies if first else None
+        first = False
+
+        def up(cs: socket.socket = cs, ds: socket.socket = ds) -> None:
+            try:
+                while data := cs.recv(65536):
+                    ds.sendall(data)
+            except OSError:
+                pass
+
+        def down(cs: socket.socket = cs, ds: socket.socket = ds, limit: int | None = limit) -> None:
+            buf, sent = b"", 0
+            try:
+                while data := ds.recv(65536):
+                    if limit is None:
+                        cs.sendall(data)
+                        continue
+                    buf += data
+                    while len(buf) >= FRAME_HEADER.size and len(buf) >= FRAME_HEADER.size + FRAME_HEADER.unpack_from(buf)[0]:
+                        n = FRAME_HEADER.size + FRAME_HEADER.unpack_from(buf)[0]
+                        if sent == limit:  # the daemon answered: lose the answer, cut the connection
+                            cs.shutdown(socket.SHUT_RDWR)
+                            cs.close()
+                            ds.close()
+                            return
+                        cs.sendall(buf[:n])
+                        buf, sent = buf[n:], sent + 1
+            except OSError:
+                pass
+
+        threading.Thread(target=up, daemon=True).start()
+        threading.Thread(target=down, daemon=True).start()
+
+
+def test_a_write_whose_reply_was_lost_is_not_resent(ws: Workspace) -> None:
+    """A proxy forwards the hello's reply, then loses the put's reply and cuts the connection:
+    the put was logged and applied, so the client must raise DaemonUnavailable (the outcome is
+    unknown to it) rather than send it again; the log holds it once."""
+    d = ws.daemon().start()
+    proxy_path = str(ws.root / "proxy.sock")
+    listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listen.bind(proxy_path)
+    listen.listen(8)
+    threading.Thread(target=_proxy, args=(listen, str(d.socket_path), 1), daemon=True).start()
+    try:
+        c = walcache.Client(proxy_path, timeout=5)  # reply 0 (hello) goes through
+        with pytest.raises(walcache.DaemonUnavailable):
+            c.put("k", 1)  # applied by the daemon, its reply lost
+        with d.client() as direct:
+            assert direct.stats()["last_seqno"] == 1  # logged once: the client did not resend it
+        assert c.get("k") == 1
+        c.close()
+    finally:
+        listen.close()

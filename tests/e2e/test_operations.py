@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,11 @@ from pathlib import Path
 import pytest
 
 import walcache
+from walcache.codec import encode_key
+from walcache.daemon.apply import Applier, DictTable
+from walcache.daemon.recovery import open_log
+from walcache.daemon.walformat import SEGMENT_HEADER_SIZE
+from walcache.daemon.walreader import iter_records, list_segments, nonzero_end
 from walcache.shm.reader import ShmReader
 from walcache_testing import Workspace
 
@@ -201,3 +207,32 @@ def test_check_log_reports_and_repair_truncates(ws: Workspace) -> None:
     d.start()
     with d.client() as c:
         assert len(c) == 0  # the first record was bad: every record after it was dropped
+
+
+def test_put_many_is_one_record_and_all_or_nothing_at_any_cut(ws: Workspace) -> None:
+    """The daemon logs a put_many as one record (one seqno), so a crash that cuts the log
+    anywhere in it keeps all of the batch or none of it."""
+    d = ws.daemon().start()
+    batch = {f"m{i}": "v" * 700 for i in range(4)}  # spans several 512-byte sectors
+    with d.client() as c:
+        c.put("before", 1)
+        c.put_many(batch)
+    d.stop()
+    recs = list(iter_records(d.data_dir))
+    assert [len(ops) for _, ops in recs] == [1, 4]  # one request, one record, one seqno
+    # A crash may cut the last group anywhere: every cut keeps all of the put_many or none of it.
+    (_, seg), = list_segments(d.data_dir)
+    buf = seg.read_bytes()
+    end = nonzero_end(buf, SEGMENT_HEADER_SIZE)
+    keys = [encode_key(k) for k in batch]
+    for cut in range(end - 1, SEGMENT_HEADER_SIZE, -97):
+        work = ws.root / f"cut{cut}"
+        shutil.copytree(d.data_dir, work, ignore=shutil.ignore_patterns("*.lock", "LOCK"))
+        p = work / seg.name
+        p.write_bytes(buf[:cut] + bytes(len(buf) - cut))
+        table = DictTable()
+        writer, _ = open_log(work, Applier(table, 0))
+        writer.close()
+        present = [k in table.entries for k in keys]
+        assert all(present) or not any(present), (cut, present)
+        shutil.rmtree(work)
