@@ -22,7 +22,7 @@ quiet and with the writer running. Key objects are fresh copies (as a caller pas
 them), so dict.get hashes them too. A figure is the median over rounds of the mean ns
 per get of one pass over the sequence (a pass is timed as a whole: timing each get
 would cost more than a get). Ratios are medians of per-round ratios to dict.get.
-Results go to bench/results/creader-<date>.json.
+Results go to bench/results/creader-<date>-<time>.json (one file per run).
 """
 
 from __future__ import annotations
@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
           " (2 shared vCPUs: the figures are noisy)")  # fmt: skip
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"creader-{datetime.date.today().isoformat()}{'-quick' if args.quick else ''}.json"
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"creader-{stamp}{'-quick' if args.quick else ''}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path}")
     return 0

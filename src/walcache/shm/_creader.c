@@ -1329,6 +1329,7 @@ reader_contains(Reader *r, PyObject *kb)
  * being paid one after the other. The prefetch pass trusts nothing: it only warms the
  * cache; every key still goes through R2..R7. */
 #define BATCH 32 /* 16-64 measured alike; enough to overlap the misses of a group */
+#define GET_MANY_ROOMY 1024 /* results of up to this many keys get twice the room (below) */
 
 static PyObject *
 reader_get_many(Reader *r, PyObject *keys)
@@ -1341,11 +1342,17 @@ reader_get_many(Reader *r, PyObject *keys)
     if (seq == NULL)
         return NULL;
     /* Sized for every key up front: growing a dict key by key costs more than the reads.
+     * A result of up to GET_MANY_ROOMY keys gets room for twice its keys: its index is then
+     * at most 20 % full instead of 40 %, and fewer inserts probe past a collision (a hot
+     * get_many of 100 keys took 4 % less time, measured A/B; for 100 keys the dict holds
+     * about 5 KiB more). A larger result is sized for its keys only: the room would be
+     * memory the caller keeps.
      * Tracked by the GC up front too: an untracked dict asks, at every insert, whether the
      * key or the value could make it need tracking (two calls into the interpreter per key,
      * about 2.5 ns of a hot key's 28, measured); the collector untracks it again when it
      * only holds atomic values, as it does for any dict. */
-    PyObject *out = _PyDict_NewPresized(PySequence_Fast_GET_SIZE(seq));
+    Py_ssize_t nkeys = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = _PyDict_NewPresized(nkeys <= GET_MANY_ROOMY ? 2 * nkeys : nkeys);
     if (out != NULL && !PyObject_GC_IsTracked(out))
         PyObject_GC_Track(out);
     PyObject *it[BATCH]; /* the group's keys, owned */
