@@ -13,13 +13,13 @@ runs, each in a fresh process (imports excluded; every run pays for its own memo
 
 - bulk (C): open_log replays into a DictTable through apply_ops (a), then
   ShmTable.build makes the table from ``DictTable.entries`` with the compiled builder
-  (b), then publish. This is the daemon start proposed for issue 5; the script calls
-  the same functions the daemon would, so the figure does not wait for that change.
+  (b), then publish. This is how ``Daemon.start`` builds the table; the script calls
+  the same functions the daemon does.
 - bulk (pure Python): the same with the pure-Python builder (an install without a
   C compiler).
-- put per key (old): what ``Daemon.start`` does today: ShmTable.create (sized from the
-  snapshot hint, as the daemon does), then open_log replays through apply_ops straight
-  into it (ShmTable.put per key), then publish.
+- put per key (old): what ``Daemon.start`` did before the bulk build, kept for
+  comparison: ShmTable.create (sized from the snapshot hint), then open_log replays
+  through apply_ops straight into it (ShmTable.put per key), then publish.
 - walcache serve (c): a real daemon on the data dir is SIGKILLed, a new one is started
   and timed until ``Client.stats()`` answers with its pid (interpreter start and
   imports included). It runs whatever start path the daemon has; the row says which
@@ -261,7 +261,7 @@ def main() -> int:
     head = ("source", "path", "replay (a)", "build (b)", "publish", "ready", "free staging", "peak RSS MB")
     table = [head]
     names = {"bulk-c": "bulk, compiled builder", "bulk-py": "bulk, pure-Python builder",
-             "put-per-key": "put per key (today's daemon)", "serve": "walcache serve, SIGKILL + start (c)"}  # fmt: skip
+             "put-per-key": "put per key (the old start)", "serve": "walcache serve, SIGKILL + start (c)"}  # fmt: skip
     for src, rows in doc["results"].items():
         for mode, r in rows.items():
             m = r["median"]
