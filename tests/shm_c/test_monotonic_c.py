@@ -1,5 +1,9 @@
 """Reads never go back in time: once a reader has seen a version of a key (or seen it
-deleted), no later read returns an older one, whichever path answers it.
+deleted), no later read returns an older one, whichever path answers it. Run with the
+compiled reader and with the pure-Python one (the reference: it has no result cache, but
+the same moves and deletes to get right). A writer that leaves a moved record validating
+(no W3a) is caught by the compiled run only: without a cache, the Python reader reaches
+the old record through the slot just before the move, when it is still current.
 
 One writer process keeps rewriting a few keys at full speed (in place, moved to chunks of
 other sizes, deleted and put back); a reader process alternates the full protocol
@@ -17,16 +21,16 @@ import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+import pytest
+
 from walcache import ReadContention
 from walcache.codec import encode_key
-from walcache.shm import ShmTable
+from walcache.shm import ShmReader, ShmTable
 from walcache.shm.creader import CReader
 
 from shm.test_torture import _ctx, _seed, procs  # noqa: F401 - procs is a fixture
 
 from .helpers import requires_c
-
-pytestmark = requires_c
 
 KEYS = 4
 SIZES = (24, 24, 64, 200)  # repeats rewrite in place; a change of size moves the key
@@ -64,10 +68,10 @@ def _writer(namespace: str, seed: int, ready: Any, stop: Any, out: Any) -> None:
     t.close(unlink=True)
 
 
-def _reader(namespace: str, seed: int, ready: Any, stop: Any, out: Any) -> None:
+def _reader(namespace: str, seed: int, ready: Any, stop: Any, out: Any, kind: str) -> None:
     rng = random.Random(seed)
     ready.wait(30)
-    r = CReader(namespace)
+    r = CReader(namespace) if kind == "c" else ShmReader(namespace)
     floor = [0] * KEYS  # no answer for key k may be older than this any more
     reads = misses = contention = 0
     bad: list[str] = []
@@ -100,12 +104,15 @@ def _reader(namespace: str, seed: int, ready: Any, stop: Any, out: Any) -> None:
                 # The writer was descheduled mid-write past the retry bounds (a client then
                 # asks the daemon): no answer, so nothing to check; counted, must stay rare.
                 contention += 1
-    out.put({"role": "reader", "reads": reads, "misses": misses, "bad": bad, "cache_hits": r.cache_hits,
+    out.put({"role": "reader", "reads": reads, "misses": misses, "bad": bad, "cache_hits": getattr(r, "cache_hits", None),
              "contention": contention})  # fmt: skip
     r.close()
 
 
-def test_no_read_returns_a_version_older_than_one_already_seen(namespace: str, procs: list[BaseProcess]) -> None:
+@pytest.mark.parametrize("kind", [pytest.param("c", marks=requires_c), "python"])
+def test_no_read_returns_a_version_older_than_one_already_seen(
+    namespace: str, procs: list[BaseProcess], kind: str
+) -> None:
     seed = _seed()
     ready, stop = _ctx.Event(), _ctx.Event()
     out: Any = _ctx.Queue()
@@ -113,7 +120,7 @@ def test_no_read_returns_a_version_older_than_one_already_seen(namespace: str, p
     procs.append(w)
     w.start()
     assert ready.wait(30), f"seed={seed}: the writer did not publish"
-    r = _ctx.Process(target=_reader, args=(namespace, seed + 1, ready, stop, out), daemon=True)
+    r = _ctx.Process(target=_reader, args=(namespace, seed + 1, ready, stop, out, kind), daemon=True)
     procs.append(r)
     r.start()
     deadline = time.monotonic() + SECONDS
@@ -129,7 +136,10 @@ def test_no_read_returns_a_version_older_than_one_already_seen(namespace: str, p
         p.join(30)
     reader, writer = res["reader"], res["writer"]
     assert not reader["bad"], f"seed={seed}: reads went back in time: {reader['bad']} ({writer})"
-    # The run proves something only if the cache answered and keys moved and went away meanwhile.
-    assert reader["cache_hits"] > 1000 and reader["misses"] > 0, f"seed={seed}: {reader}"
+    # The run proves something only if keys moved and went away meanwhile (and, in C, the
+    # result cache answered).
+    assert reader["misses"] > 0, f"seed={seed}: {reader}"
+    if kind == "c":
+        assert reader["cache_hits"] > 1000, f"seed={seed}: {reader}"
     assert reader["contention"] <= reader["reads"] // 100, f"seed={seed}: too much contention: {reader}"
     assert writer["moves"] > 1000 and writer["deletes"] > 100, f"seed={seed}: {writer}"
