@@ -307,7 +307,8 @@ class WalWriter:
     # ----------------------------------------------------------- internals
 
     def _due(self) -> bool:
-        return self._dirty and (time.monotonic() - self._last_sync) * 1000.0 >= self.interval_ms
+        # The same sum as sync_due_in: the flusher, woken when that reaches 0, must find it due.
+        return self.sync_due_in() == 0.0
 
     def _sync_locked(self) -> None:
         if not self._dirty:
