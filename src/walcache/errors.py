@@ -84,7 +84,9 @@ class ProtocolError(WalcacheError):
 
 
 class DaemonUnavailable(WalcacheError, ConnectionError):
-    """No daemon answers on the socket: start one with `walcache serve` or use walcache.connect()."""
+    """No daemon answers on the socket (start one with `walcache serve` or use
+    walcache.connect()), the daemon went away, or it refused the connection (the
+    message says which)."""
 
 
 class WalcacheTimeout(WalcacheError, TimeoutError):

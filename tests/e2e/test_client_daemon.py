@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,12 +11,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 import walcache
-from walcache.protocol import FRAME_HEADER
-from walcache_testing import Workspace, unlink_segments
+from walcache.errors import DaemonUnavailable
+from walcache.protocol import FRAME_HEADER, ServerProtocol
+from walcache_testing import DaemonProcess, Workspace, unlink_segments
 
 
 def test_put_get_delete_and_mapping_protocol(ws: Workspace) -> None:
@@ -363,8 +366,10 @@ def test_parent_and_child_use_the_client_concurrently_after_fork(ws: Workspace) 
     c.close()
 
 
-def _proxy(listen: socket.socket, target: str, drop_after_replies: int) -> None:
-    """Forward unix-socket connections; on the first one, cut it instead of forwarding reply #n."""
+def _proxy(listen: socket.socket, target: str, forward: int, farewell: bytes | None, cut: threading.Event) -> None:
+    """Forward unix-socket connections to the daemon. On the first one, forward ``forward``
+    replies; then, with ``farewell``, send it and close at once; without, lose the next reply
+    and close. ``cut`` is set once the first connection is closed."""
     first = True
     while True:
         try:
@@ -373,7 +378,7 @@ def _proxy(listen: socket.socket, target: str, drop_after_replies: int) -> None:
             return
         ds = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         ds.connect(target)
-        limit = drop_after_replies if first else None
+        limit = forward if first else None
         first = False
 
         def up(cs: socket.socket = cs, ds: socket.socket = ds) -> None:
@@ -382,6 +387,12 @@ def _proxy(listen: socket.socket, target: str, drop_after_replies: int) -> None:
                     ds.sendall(data)
             except OSError:
                 pass
+
+        def close(cs: socket.socket, ds: socket.socket) -> None:
+            cs.shutdown(socket.SHUT_RDWR)
+            cs.close()
+            ds.close()
+            cut.set()
 
         def down(cs: socket.socket = cs, ds: socket.socket = ds, limit: int | None = limit) -> None:
             buf, sent = b"", 0
@@ -394,12 +405,14 @@ def _proxy(listen: socket.socket, target: str, drop_after_replies: int) -> None:
                     while len(buf) >= FRAME_HEADER.size and len(buf) >= FRAME_HEADER.size + FRAME_HEADER.unpack_from(buf)[0]:
                         n = FRAME_HEADER.size + FRAME_HEADER.unpack_from(buf)[0]
                         if sent == limit:  # the daemon answered: lose the answer, cut the connection
-                            cs.shutdown(socket.SHUT_RDWR)
-                            cs.close()
-                            ds.close()
+                            close(cs, ds)
                             return
                         cs.sendall(buf[:n])
                         buf, sent = buf[n:], sent + 1
+                        if sent == limit and farewell is not None:
+                            cs.sendall(farewell)
+                            close(cs, ds)
+                            return
             except OSError:
                 pass
 
@@ -407,23 +420,47 @@ def _proxy(listen: socket.socket, target: str, drop_after_replies: int) -> None:
         threading.Thread(target=down, daemon=True).start()
 
 
+@contextlib.contextmanager
+def proxy_to(d: DaemonProcess, ws: Workspace, forward: int, farewell: bytes | None = None) -> Iterator[tuple[str, threading.Event]]:
+    path = str(ws.root / "proxy.sock")
+    listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listen.bind(path)
+    listen.listen(8)
+    cut = threading.Event()
+    threading.Thread(target=_proxy, args=(listen, str(d.socket_path), forward, farewell, cut), daemon=True).start()
+    try:
+        yield path, cut
+    finally:
+        listen.shutdown(socket.SHUT_RDWR)  # wakes the proxy's accept()
+        listen.close()
+
+
 def test_a_write_whose_reply_was_lost_is_not_resent(ws: Workspace) -> None:
     """A proxy forwards the hello's reply, then loses the put's reply and cuts the connection:
     the put was logged and applied, so the client must raise DaemonUnavailable (the outcome is
     unknown to it) rather than send it again; the log holds it once."""
     d = ws.daemon().start()
-    proxy_path = str(ws.root / "proxy.sock")
-    listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listen.bind(proxy_path)
-    listen.listen(8)
-    threading.Thread(target=_proxy, args=(listen, str(d.socket_path), 1), daemon=True).start()
-    try:
-        c = walcache.Client(proxy_path, timeout=5)  # reply 0 (hello) goes through
+    with proxy_to(d, ws, forward=1) as (path, _):
+        c = walcache.Client(path, timeout=5)  # reply 1 (hello) goes through
         with pytest.raises(walcache.DaemonUnavailable):
             c.put("k", 1)  # applied by the daemon, its reply lost
         with d.client() as direct:
             assert direct.stats()["last_seqno"] == 1  # logged once: the client did not resend it
         assert c.get("k") == 1
         c.close()
-    finally:
-        listen.close()
+
+
+def test_a_reason_sent_before_closing_beats_a_broken_pipe(ws: Workspace) -> None:
+    """The connection is closed with a reply of id 0 before the client's next request (as a
+    daemon that refuses a connection does, if it is faster than the client's hello): the
+    client's send fails with a broken pipe, and it raises the reason it was sent instead."""
+    d = ws.daemon().start()
+    reason = DaemonUnavailable("the daemon refused the connection: test reason")
+    with proxy_to(d, ws, forward=1, farewell=ServerProtocol.error(0, reason)) as (path, cut):
+        c = walcache.Client(path, timeout=5)
+        assert cut.wait(10)
+        with pytest.raises(walcache.DaemonUnavailable, match="test reason"):
+            c.put("k", 1)
+        c.close()
+    with d.client() as direct:
+        assert direct.stats()["last_seqno"] == 0  # nothing reached the daemon

@@ -171,8 +171,9 @@ class Client(MutableMapping[Key, Any]):
             sock.sendall(frame)
         except OSError as exc:
             # Nothing reached a live daemon (a dead one processes nothing): safe to resend.
-            # A daemon that refused this connection (--max-connections, --allow-uids)
-            # said why before it closed: that reason beats a broken pipe.
+            # A daemon that closed this connection (it refused it: --max-connections,
+            # --allow-uids; or it could not parse a frame) said why first, in a reply
+            # with id 0: that reason beats a broken pipe.
             refusal = self._refusal(sock)
             self._drop_socket()
             if refusal is not None:
@@ -202,10 +203,8 @@ class Client(MutableMapping[Key, Any]):
                 f"the daemon on {self.socket_path} did not answer within {self.timeout} s"
             ) from None
         except OSError as exc:
-            refusal = self._refusal(sock)
+            # (A reason the daemon sent before closing was parsed above: a reply with id 0.)
             self._drop_socket()
-            if refusal is not None:
-                raise refusal from None
             raise DaemonUnavailable(
                 f"lost the daemon on {self.socket_path} after sending the request ({exc}): "
                 "a write may or may not have been applied"
@@ -213,7 +212,7 @@ class Client(MutableMapping[Key, Any]):
         if reply.req_id != req_id:
             self._drop_socket()
             if reply.req_id == 0 and not reply.ok:
-                raise reply.value  # about the connection: the daemon refused it
+                raise reply.value  # about the connection (refused, or a bad frame)
             raise ProtocolError(f"reply for request {reply.req_id}, expected {req_id}")
         if not reply.ok:
             raise reply.value
