@@ -238,12 +238,15 @@ class _Flusher(threading.Thread):
                 if self._bell.acquire(timeout=timeout):
                     continue
                 # --fsync interval: no batch for a while, sync what was written.
+                syncs = writer.syncs
                 try:
                     writer.sync_if_due()
                 except BaseException as exc:  # noqa: BLE001 - reported to the loop
                     self.done.append((exc, 0, 0, 0.0))
                     os.write(self.wake_fd, b"f")
                     return
+                if writer.syncs != syncs:  # stats' fsync percentiles count timed syncs too
+                    self.sync_latencies.append(writer.last_sync_seconds)
                 continue
             if type(jobs[0]) is bytes:
                 # Group commit: every record handed over while the previous group was
