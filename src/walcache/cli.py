@@ -274,7 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WalcacheError as exc:
         print(f"walcache: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except OSError as exc:  # e.g. a data dir that cannot be made: a message, not a traceback
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not about a path the user gave: keep the traceback
+        # e.g. a data dir under a regular file, or on a read-only file system
         print(f"walcache: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
