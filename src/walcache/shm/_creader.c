@@ -1345,8 +1345,8 @@ reader_get_many(Reader *r, PyObject *keys)
      * A result of up to GET_MANY_ROOMY keys gets room for twice its keys: its index is then
      * 17-33 % full instead of 33-67 % (100 keys: 20 % instead of 39 %), and fewer inserts
      * probe past a collision (a hot get_many of 100 keys took 4 % less time, measured A/B;
-     * for 100 keys the dict holds about 5 KiB more). A larger result is sized for its keys only: the room would be
-     * memory the caller keeps.
+     * for 100 keys the dict holds about 5 KiB more). A larger result is sized for its
+     * keys only: the room would be memory the caller keeps.
      * Tracked by the GC up front too: an untracked dict asks, at every insert, whether the
      * key or the value could make it need tracking (two calls into the interpreter per key,
      * about 2.5 ns of a hot key's 28, measured); the collector untracks it again when it
