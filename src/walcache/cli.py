@@ -188,7 +188,7 @@ def _human(name: str, value: Any) -> str:
     return str(value)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, seams: dict[str, Any]) -> int:
     cmd = args.command
     if cmd == "serve":
         from .config import load_serve_config
@@ -204,7 +204,7 @@ def _run(args: argparse.Namespace) -> int:
         log = logging.getLogger("walcache.daemon")
         for line in cfg.describe():
             log.debug("option %s", line)
-        return run(cfg, args=args)
+        return run(cfg, args=args, **seams)
     if cmd == "check-log":
         from .daemon.recovery import check_log
         from .paths import default_data_dir
@@ -257,11 +257,13 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, **seams: Any) -> int:
+    """The ``walcache`` command. ``seams`` (``fileops=``, ``shmops=``) reach ``serve``'s daemon:
+    tests pass faulty ones to inject I/O errors into a daemon started exactly as the CLI does."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return _run(args)
+        return _run(args, seams)
     except ConfigError as exc:
         print(f"walcache: {exc}", file=sys.stderr)
         return EXIT_USAGE
