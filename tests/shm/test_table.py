@@ -16,7 +16,7 @@ from walcache import CacheFull, ReadContention, TableUnavailable
 from walcache.codec import encode_key, encode_value
 import walcache.shm.writer as writer_mod
 from walcache.shm import ShmReader, ShmTable, layout
-from walcache.shm.layout import C_SEQ, CTL_STRUCT
+from walcache.shm.layout import C_GENERATION, C_SEQ, CTL_STRUCT, CTL_TAIL
 from walcache.shm.writer import MAX_LOAD
 
 from .helpers import SHM_DIR, leave_write_open, record_word, segments_of
@@ -575,38 +575,44 @@ def test_keys_and_values_over_the_layout_limits_are_refused(table: ShmTable) -> 
 
 
 class _OddWhileWritten:
-    """CTL_STRUCT, but every pack_into of the live control segment checks the seq word is odd first."""
+    """A struct of the control segment whose every pack_into into the live segment (a publish)
+    checks that the seq word is odd first and that the pack does not cover it: CPython's
+    pack_into zeroes all it covers before packing, and a seq zeroed for a moment reads even."""
 
-    def __init__(self) -> None:
-        self.checked = 0
+    def __init__(self, real: Any, checks: list[int]) -> None:
+        self.real = real
+        self.checks = checks
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(CTL_STRUCT, name)
+        return getattr(self.real, name)
 
     def pack_into(self, buf: Any, off: int, *fields: Any) -> None:
-        seq_now = memoryview(buf).cast("Q")[C_SEQ]
-        if fields[2]:  # a publish (creation packs seq 0 into a fresh segment nobody maps yet)
-            assert seq_now & 1, f"control fields rewritten while its seq is even ({seq_now})"
-            assert fields[2] == seq_now, "the packed seq must keep the segment odd"
-            self.checked += 1
-        CTL_STRUCT.pack_into(buf, off, *fields)
+        words = memoryview(buf).cast("Q")
+        if words[C_GENERATION]:  # a published segment (a fresh one is packed before anyone maps it)
+            assert words[C_SEQ] & 1, f"control fields rewritten while its seq is even ({words[C_SEQ]})"
+            assert off >= 8 * (C_SEQ + 1), f"a pack at byte {off} covers the seq word (it zeroes it first)"
+            self.checks.append(off)
+        self.real.pack_into(buf, off, *fields)
 
 
 def test_every_publish_rewrites_the_control_segment_under_an_odd_seq(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A publish rewrites the control segment's fields (segment name, sizes) in place; a reader
-    tells a torn rewrite by an odd seq, so the seq must be odd before the first field changes.
-    Publishes are too rare and too quick for the torture tests to catch an even one; this spy
-    on the table's own CTL_STRUCT checks every rewrite."""
-    spy = _OddWhileWritten()
-    monkeypatch.setattr(writer_mod, "CTL_STRUCT", spy)
+    tells a torn rewrite by an odd seq, so the seq must be odd before the first field changes
+    and stay odd until the last (a pack over the seq word zeroed it: a reader running
+    test_threads_c under ASan once took the zeroed name for "no table yet"). Publishes are too
+    rare and too quick for the torture tests to catch this; spies on the table's own structs
+    check every rewrite."""
+    checks: list[int] = []
+    monkeypatch.setattr(writer_mod, "CTL_STRUCT", _OddWhileWritten(CTL_STRUCT, checks))
+    monkeypatch.setattr(writer_mod, "CTL_TAIL", _OddWhileWritten(CTL_TAIL, checks))
     t = ShmTable.create(namespace, capacity=8, data_bytes=4096)
     t.put(b"sk", 2, b"v", 1, 0)
     t.publish()
     for i in range(200):  # growth publishes new segments
         t.put(b"sk%d" % i, 2, b"v" * 100, i + 2, 0)
-    assert spy.checked >= 3
+    assert len(checks) >= 3
     r = ShmReader(namespace)
     assert r.get(b"sk199") == (2, b"v" * 100)
     r.close()

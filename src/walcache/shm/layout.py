@@ -237,6 +237,7 @@ __all__ = [
     "RETRY_MIN_NS",
     "LOCK_FREE_OK",
     "CTL_STRUCT",
+    "CTL_TAIL",
     "HEADER_STRUCT",
     "RECORD_HEADER",
     "SLOT",
@@ -298,6 +299,11 @@ LOCK_FREE_OK = platform.machine().lower() in ("x86_64", "amd64")
 
 # Control segment: magic, version, seq, generation, segment bytes, name length, name.
 CTL_STRUCT = struct.Struct("=8sQQQQQ64s16x")
+# What a publish rewrites: the fields after seq (generation, segment bytes, name length,
+# name), at byte 8 * C_GENERATION. Never CTL_STRUCT over a live control segment:
+# struct.pack_into zeroes all it covers before it packs, so the seq word would read 0
+# (even) for a moment, with the fields after it still zero.
+CTL_TAIL = struct.Struct("=QQQ64s")
 # Data header: see the table; two halves of 128 bytes.
 HEADER_STRUCT = struct.Struct("=8sQQQQQQQQQQQ32x" "QQQQQ88x")
 # Record header: seq, lens, expiry_vflag, seqno.

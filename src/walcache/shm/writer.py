@@ -44,6 +44,7 @@ from .layout import (
     CTL_MAGIC,
     CTL_SIZE,
     CTL_STRUCT,
+    CTL_TAIL,
     C_GENERATION,
     C_SEQ,
     DATA_MAGIC,
@@ -983,9 +984,9 @@ class ShmTable:
         s = ctlq[C_SEQ]
         ctlq[C_SEQ] = s + 1
         name = seg.name.encode("ascii")
-        CTL_STRUCT.pack_into(
-            self._ctl, 0, CTL_MAGIC, LAYOUT_VERSION, s + 1, generation, seg.size, len(name), name
-        )
+        # Only the fields after seq (CTL_TAIL): pack_into zeroes what it covers first, and a
+        # seq zeroed for a moment is even: a reader took the zeroed name for "no table yet".
+        CTL_TAIL.pack_into(self._ctl, 8 * C_GENERATION, generation, seg.size, len(name), name)
         ctlq[C_SEQ] = s + 2
 
 
