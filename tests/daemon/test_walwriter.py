@@ -104,7 +104,7 @@ def test_interval_no_write_waits_much_more_than_the_interval(tmp_path: Path) -> 
         took = synced_through(3) - base
         assert took < 1.45, f"the write after a sync waited {took:.2f} s for its fdatasync (interval 1 s)"
         # Both were timed syncs: the daemon's fsync percentiles (stats) count them.
-        assert len(flusher.sync_latencies) == writer.syncs - syncs == 2
+        assert len(writer.sync_latencies) == writer.syncs - syncs == 2
     finally:
         flusher.submit(None)
         flusher.join(10)

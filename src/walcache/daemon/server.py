@@ -150,8 +150,8 @@ class _Item:
 # The shared table keeps expiry in 56 bits of ms; a TTL of 1000 years stays far below.
 MAX_TTL_MS = 1000 * 365 * 24 * 3600 * 1000
 
-# Commit and fsync latencies reported by stats() are over the most recent
-# samples: enough for a stable p99, cheap enough to sort on every stats call.
+# Commit latencies reported by stats() are over the most recent samples: enough for a
+# stable p99, cheap enough to sort on every stats call (fsyncs: WalWriter.sync_latencies).
 LATENCY_SAMPLES = 10_000
 
 
@@ -194,9 +194,8 @@ class _Flusher(threading.Thread):
         self.done: deque[tuple[BaseException | None, int, int, float]] = deque()
         # Seal results for the loop: (sealed segno K, seal seqno S) or the error.
         self.seals: deque[tuple[int, int] | BaseException] = deque()
-        # Recent figures for stats: whole appends (write + sync) and the syncs alone.
+        # Recent figures for stats: whole appends (write + sync); the syncs alone are the writer's.
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
-        self.sync_latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
 
     def submit_records(self, records: list[bytes]) -> None:
         """Hand over encoded records, in seqno order (loop thread only).
@@ -238,15 +237,12 @@ class _Flusher(threading.Thread):
                 if self._bell.acquire(timeout=timeout):
                     continue
                 # --fsync interval: no batch for a while, sync what was written.
-                syncs = writer.syncs
                 try:
                     writer.sync_if_due()
                 except BaseException as exc:  # noqa: BLE001 - reported to the loop
                     self.done.append((exc, 0, 0, 0.0))
                     os.write(self.wake_fd, b"f")
                     return
-                if writer.syncs != syncs:  # stats' fsync percentiles count timed syncs too
-                    self.sync_latencies.append(writer.last_sync_seconds)
                 continue
             if type(jobs[0]) is bytes:
                 # Group commit: every record handed over while the previous group was
@@ -259,7 +255,6 @@ class _Flusher(threading.Thread):
                     jobs.popleft()
                     parts.append(rec)
                 t0 = time.perf_counter()
-                syncs = writer.syncs
                 err: BaseException | None = None
                 try:
                     writer.append(b"".join(parts))
@@ -268,8 +263,6 @@ class _Flusher(threading.Thread):
                 dt = time.perf_counter() - t0
                 if err is None:
                     self.latencies.append(dt)
-                    if writer.syncs != syncs:
-                        self.sync_latencies.append(writer.last_sync_seconds)
                 # written_seqno is the group's last record: only this thread appends
                 # while records are handed over.
                 self.done.append((err, len(parts), writer.written_seqno, dt))
@@ -858,15 +851,12 @@ class Daemon:
     def _append_here(self, records: list[bytes]) -> None:
         t0 = time.perf_counter()
         writer = self.writer
-        syncs = writer.syncs
         try:
             writer.append(b"".join(records))
         except Exception as exc:  # noqa: BLE001 - any failure stops acks
             self._fail(exc)
             return
         self.flusher.latencies.append(time.perf_counter() - t0)
-        if writer.syncs != syncs:
-            self.flusher.sync_latencies.append(writer.last_sync_seconds)
         self.logged_seqno = writer.written_seqno
         self.batches += 1
         self.batched_records += len(records)
@@ -1407,7 +1397,7 @@ class Daemon:
 
     def stats(self) -> dict[str, Any]:
         commits = sorted(self.flusher.latencies)
-        syncs = sorted(self.flusher.sync_latencies)
+        syncs = sorted(self.writer.sync_latencies)
         table = self.table.stats()
         return {
             "pid": os.getpid(),

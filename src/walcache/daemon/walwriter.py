@@ -65,6 +65,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,6 +83,9 @@ from .walformat import (
 __all__ = ["WalWriter", "POLICIES", "EXTENT_BYTES", "DEFAULT_SEGMENT_BYTES", "create_segment"]
 
 log = logging.getLogger("walcache.wal")
+
+# fdatasync latencies kept for stats: enough for a stable p99, cheap to sort per stats call.
+SYNC_SAMPLES = 10_000
 
 POLICIES = ("always", "interval", "never")
 EXTENT_BYTES = 4 << 20
@@ -159,6 +163,9 @@ class WalWriter:
         self.syncs = 0
         self.bytes_appended = 0
         self.last_sync_seconds = 0.0
+        # Every fdatasync's seconds, the most recent SYNC_SAMPLES (stats' fsync p50/p99),
+        # whichever call made it: a group's append, an interval's timed sync, a rotation.
+        self.sync_latencies: deque[float] = deque(maxlen=SYNC_SAMPLES)
         self._fd = fd
         self._file_size = file_size
         self._dirty = False  # bytes written since the last good fdatasync
@@ -323,6 +330,7 @@ class WalWriter:
         self._dirty = False
         self._last_sync = now
         self.last_sync_seconds = now - t0
+        self.sync_latencies.append(now - t0)
         self.syncs += 1
         self.durable_seqno = target
 
