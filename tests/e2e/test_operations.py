@@ -17,6 +17,7 @@ import pytest
 import walcache
 from walcache.codec import encode_key
 from walcache.daemon.apply import Applier, DictTable
+from walcache.daemon.lock import SocketLock
 from walcache.daemon.recovery import open_log
 from walcache.daemon.walformat import SEGMENT_HEADER_SIZE
 from walcache.daemon.walreader import iter_records, list_segments, nonzero_end
@@ -176,11 +177,44 @@ def test_a_second_daemon_on_a_taken_socket_leaves_no_table_behind(ws: Workspace)
     b.socket_path = a.socket_path
     b.start(wait=False)
     assert b.proc is not None and b.proc.wait(30) == 2
-    assert "another daemon already listens" in b.log()
+    assert f"is in use by pid {a.pid}" in b.log()
     assert not list(Path("/dev/shm").glob(f"{b.namespace}*"))
     with a.client() as c:
         c.put("still", b"here")
         assert c.get("still") == b"here"
+
+
+@pytest.mark.parametrize("window", ["recovering", "bound, not listening"])
+def test_a_socket_claimed_by_a_daemon_without_a_listener_yet_is_not_taken(ws: Workspace, window: str) -> None:
+    """The two windows a probe of the socket path cannot see: a daemon still recovering has
+    no socket yet, and one between bind and listen refuses connections like a dead daemon's
+    socket. This process plays that daemon: it holds ``<socket>.lock`` (a real flock) and, in
+    the second case, a bound socket that does not listen. The new daemon must be refused
+    (exit 2, naming our pid) before it publishes a table, and leave the bound socket alone."""
+    b = ws.daemon(name="b")
+    b.socket_path.parent.mkdir(parents=True, exist_ok=True)
+    claim = SocketLock(b.socket_path)
+    assert claim.try_acquire()
+    bound = None
+    try:
+        if window == "bound, not listening":
+            bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            bound.bind(str(b.socket_path))
+            ino = b.socket_path.stat().st_ino
+        b.start(wait=False)
+        assert b.proc is not None and b.proc.wait(30) == 2, b.log()
+        assert f"is in use by pid {os.getpid()}" in b.log()
+        assert not list(Path("/dev/shm").glob(f"{b.namespace}*"))
+        if bound is not None:
+            assert b.socket_path.stat().st_ino == ino
+    finally:
+        if bound is not None:
+            bound.close()
+        claim.release()
+    b.start()  # once the claim is gone (its lock file stays), the same daemon starts
+    with b.client() as c:
+        c.put("k", 1)
+        assert c.get("k") == 1
 
 
 def test_check_log_reports_and_repair_truncates(ws: Workspace) -> None:

@@ -1,7 +1,11 @@
-"""One daemon per data dir: an exclusive flock on DATA_DIR/LOCK, which also names the holder's pid.
+"""One daemon per data dir and per socket: exclusive flocks that also name the holder's pid.
 
-The flock is the truth; the pid written into the file is for the error
-message only. The kernel drops the lock when the holder dies, however it
+DATA_DIR/LOCK guards the data dir; ``<socket>.lock``, next to the socket,
+guards the socket path (two daemons of different data dirs given the same
+``--socket``). The flock is the truth; the pid written into the file is for
+the error message only. A lock file is never removed: unlinking it while
+another process is about to lock it would let two processes hold "the" lock
+on two inodes. The kernel drops the lock when the holder dies, however it
 dies, so a stale LOCK file never blocks a restart. The descriptor is
 close-on-exec so a process the daemon spawns does not inherit the lock.
 """
@@ -14,9 +18,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from ..errors import DataDirLocked
+from ..errors import ConfigError, DataDirLocked
 
-__all__ = ["DataDirLock", "PidLockFile", "LOCK_NAME"]
+__all__ = ["DataDirLock", "PidLockFile", "SocketLock", "LOCK_NAME"]
 
 LOCK_NAME = "LOCK"
 
@@ -41,7 +45,8 @@ class PidLockFile:
         """Take the lock now (and write our pid), or return False if another process holds it."""
         if self._fd is not None:
             return True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # O_NOFOLLOW: a symlink planted in a shared directory must not get truncated through.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -106,6 +111,32 @@ class DataDirLock(PidLockFile):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+class SocketLock(PidLockFile):
+    """``<socket>.lock``: held from before recovery until after the socket is removed.
+
+    Without it a daemon could only probe the socket path, which leaves two
+    windows: a daemon still recovering has no socket yet (a second one would
+    publish a table and only then find the socket taken), and one between bind
+    and listen refuses connections like a dead daemon's socket (a second one
+    would unlink it and take the path).
+    """
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = Path(socket_path)
+        super().__init__(self.socket_path.with_name(self.socket_path.name + ".lock"))
+
+    def acquire(self) -> None:
+        """Take the lock or raise ConfigError naming the pid that holds it."""
+        if self.try_acquire():
+            return
+        pid = self.holder()
+        who = f"pid {pid}" if pid is not None else "another process (pid not yet written)"
+        raise ConfigError(
+            f"socket {self.socket_path} is in use by {who} (it holds {self.path.name}): "
+            "stop that daemon or pass another --socket"
+        )
 
 
 def _holder_pid(fd: int) -> int | None:

@@ -86,7 +86,7 @@ from . import notify
 from .apply import OP_DELETE, OP_PUT, Applier, DictTable
 from .compaction import EXIT_BUSY, EXIT_ORPHANED, compactor_command
 from .fileops import FileOps
-from .lock import DataDirLock
+from .lock import DataDirLock, SocketLock
 from .recovery import open_log
 from .walformat import parse_segment_name, parse_snapshot_name
 
@@ -371,8 +371,11 @@ class Daemon:
         ensure_private_dir(self.data_dir)
         self.lock = DataDirLock(self.data_dir)
         self.lock.acquire()
-        # Refused before recovery and before a table is published for this data dir;
-        # _listen looks again, for a daemon that started listening meanwhile.
+        # The socket path is ours before recovery and before a table is published for
+        # this data dir: another daemon given the same --socket is refused here.
+        ensure_private_dir(self.socket_path.parent)
+        self.socket_lock = SocketLock(self.socket_path)
+        self.socket_lock.acquire()
         self._refuse_a_taken_socket()
         gid = _group_id(cfg.shm_group)
         t0 = time.perf_counter()
@@ -423,7 +426,12 @@ class Daemon:
         self.flusher.start()
 
     def _refuse_a_taken_socket(self) -> None:
-        """ConfigError if a daemon answers on our socket path; a dead daemon's socket is removed."""
+        """ConfigError if a process answers on our socket path; a dead daemon's socket is removed.
+
+        Only the holder of the socket lock gets here, so a socket that refuses the
+        probe is not a walcache daemon's between bind and listen; something that
+        does not take the lock (another program given the same path) may still
+        answer, and is left alone."""
         path = self.socket_path
         if path.exists() or path.is_symlink():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -440,8 +448,6 @@ class Daemon:
 
     def _listen(self) -> None:
         path = self.socket_path
-        ensure_private_dir(path.parent)
-        self._refuse_a_taken_socket()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # no window where the socket is wider than asked
         try:
@@ -1494,6 +1500,7 @@ class Daemon:
         self.table.close(unlink=False)
         self.writer.close()
         signal.set_wakeup_fd(-1)
+        self.socket_lock.release()  # the socket was removed when the stop began
         self.lock.release()
         log.info("stopped (exit %d)", self.exit_code)
         return self.exit_code
