@@ -69,6 +69,20 @@ def _import(module: str) -> Any:
         raise PeerUnavailable(f"python module {module!r} not importable: {exc}") from exc
 
 
+def _poll_until_idle(idle: Callable[[], bool], close: Callable[[], None], timeout_s: float, peer: "Peer") -> float:
+    """Poll ``idle`` every 50 ms for up to ``timeout_s``; the seconds waited (a note if it never was)."""
+    t0 = time.perf_counter()
+    try:
+        while not idle():
+            if time.perf_counter() - t0 >= timeout_s:
+                peer.notes.append(f"{peer.id}: background work still running after {timeout_s:.0f} s; measured anyway")
+                break
+            time.sleep(0.05)
+    finally:
+        close()
+    return time.perf_counter() - t0
+
+
 def _wait_until(probe: Callable[[], bool], timeout_s: float, what: str, proc: "ServerProcess | None") -> None:
     deadline = time.monotonic() + timeout_s
     last: BaseException | None = None
@@ -216,6 +230,15 @@ class Peer(ABC):
     @abstractmethod
     def connect(self) -> Store: ...
 
+    def settle(self, timeout_s: float) -> float:
+        """Wait until background work the store started itself is done; return the seconds waited.
+
+        The runner calls it before every cell, so that a cell measures its own workload
+        and not, say, a log compaction the previous cell's updates set off. Stores with
+        no background work return at once.
+        """
+        return 0.0
+
     def restart_after_kill(self) -> float:
         """SIGKILL the server, start it again on the same data, return seconds until it answers."""
         raise PeerUnavailable(f"{self.id} has no restart test")
@@ -356,6 +379,15 @@ class WalcachePeer(Peer):
         assert self.socket_path is not None
         return _WalcacheStore(self.socket_path)
 
+    def settle(self, timeout_s: float) -> float:
+        # The daemon compacts its log on its own once enough of it is dead: a compactor
+        # process runs beside the daemon until the snapshot is written.
+        assert self.socket_path is not None
+        import walcache
+
+        client = getattr(walcache, "Client")(socket_path=self.socket_path)
+        return _poll_until_idle(lambda: client.stats().get("compaction") is None, client.close, timeout_s, self)
+
     def restart_after_kill(self) -> float:
         assert self.server is not None
         self.server.kill()
@@ -489,6 +521,19 @@ class RedisPeer(Peer):
     def connect(self) -> Store:
         assert self.socket_path is not None
         return _RedisStore(self.socket_path)
+
+    def settle(self, timeout_s: float) -> float:
+        # Redis rewrites its AOF in a forked child once it has doubled (auto-aof-rewrite-*).
+        import redis
+
+        assert self.socket_path is not None
+        r = redis.Redis(unix_socket_path=self.socket_path)
+
+        def idle() -> bool:
+            info = r.info("persistence")
+            return not any(info.get(k) for k in ("aof_rewrite_in_progress", "aof_rewrite_scheduled", "rdb_bgsave_in_progress"))
+
+        return _poll_until_idle(idle, r.close, timeout_s, self)
 
     def restart_after_kill(self) -> float:
         assert self.server is not None

@@ -15,8 +15,11 @@ What it does, in order:
    on a Unix socket, stopped by pid at the end, also on Ctrl-C), loads the keys
    (YCSB load phase), then for 1, 4 and 16 client processes forks the clients
    (each opens its own connection or handle) and runs each YCSB workload for a
-   fixed time. Latency is perf_counter_ns around each operation, with gc
-   disabled in the timed loop.
+   fixed time. Before each run it waits until the store's own background work
+   (walcache's log compaction, Redis's AOF rewrite) is done, so that a run does
+   not pay for the updates of the one before it; the wait is in ``settle_s``.
+   Latency is perf_counter_ns around each operation, with gc disabled in the
+   timed loop.
 3. Restart time: loads the restart key set into walcache (fsync always) and
    Redis (appendfsync always), SIGKILLs the server, restarts it on the same data
    and times until it answers (walcache: ``stats()``; Redis: PING -> PONG).
@@ -80,6 +83,7 @@ RESTART_PEERS = ("walcache-always", "redis-always")
 RESTART_VALUE_SIZE = 100
 VALUE_POOL = 16
 LATENCY_OPS = ("read", "update", "insert", "rmw")
+SETTLE_TIMEOUT_S = 120.0  # the longest wait for a store's own background work before a cell
 
 
 @dataclass
@@ -508,6 +512,7 @@ class ClientGroup:
 
     def run(self, wname: str, run_tag: int) -> dict[str, Any]:
         dur_ns = int(self.params.duration_s * 1e9)
+        settle_s = self.peer.settle(SETTLE_TIMEOUT_S)
         for c in self.conns:
             c.send(("prepare", wname, run_tag))
         for cid, msg in enumerate(self._gather(60.0)):
@@ -526,6 +531,7 @@ class ClientGroup:
         parts = [m[1] for m in msgs]
         agg = aggregate(parts)
         agg["other_cpu_percent"] = cpu0.other_percent(sum(p["cpu_s"] for p in parts))
+        agg["settle_s"] = round(settle_s, 3)
         return agg
 
     def close(self) -> None:
@@ -1080,6 +1086,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(busy)} of {len(results)} cells ran while other work used more than 15% of the CPUs "
             "(column 'other CPU %'): treat those rows as contaminated."
         )
+    settled = [r for r in results if r["status"] == "ok" and r.get("settle_s", 0) >= 0.1]
+    notes.append(
+        "Before each cell the runner waits until the store's own background work is done (walcache's log "
+        "compaction, Redis's AOF rewrite), so that a cell does not pay for the one before it"
+        + (
+            f": {len(settled)} cells waited, longest {max(r['settle_s'] for r in settled):.1f} s "
+            f"({', '.join(sorted({r['peer'] for r in settled}))})."
+            if settled
+            else "; no cell had to wait."
+        )
+    )
     if late:
         notes.append(
             f"{len(late)} of {len(results)} cells had a client start more than 10% of the window late "

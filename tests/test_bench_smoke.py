@@ -104,6 +104,7 @@ def test_every_measured_cell_is_present_with_positive_numbers(quick_run: dict[st
                     assert r["status"] == "ok", (pid, w, vs, nc, r.get("error"))
                     assert r["ops_per_s"] > 0 and r["total_ops"] > 0 and r["wall_s"] > 0
                     assert r["other_cpu_percent"] is None or 0 <= r["other_cpu_percent"] <= 100
+                    assert r["settle_s"] >= 0
                     assert r["ops_per_s_per_client"] == pytest.approx(r["ops_per_s"] / nc, rel=0.01, abs=0.1)
                     # Every read must find its key: a miss means the store lost loaded data.
                     assert r["misses"] == 0, (pid, w, vs, nc)
