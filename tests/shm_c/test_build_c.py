@@ -225,3 +225,96 @@ def test_a_published_compiled_build_reads_back_through_the_c_reader(namespace: s
             assert r._get_entry(next(iter(entries))) == (1, entries[next(iter(entries))][1], 1, 0)
             assert len(t) == 5000 and t.stats()["applied_seqno"] == 7000
     unlink_all(namespace)
+
+
+# ---------------------------------------------------------------- rebuild copy (copy_live)
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "put", "put", "delete"]),
+        st.integers(0, 60),  # key id: repeats overwrite (in place or not) and delete
+        st.integers(0, 300),  # value length: chunk sizes change, free lists fill
+        st.sampled_from([0, 0, 0, PAST, FUTURE]),
+    ),
+    max_size=250,
+)
+
+
+def copies_both(ops: list[tuple[str, int, int, int]], grow: int) -> tuple[bytes, bytes, tuple[int, int, int]]:
+    """Apply ``ops`` to a small table, then copy its live records into two new segments,
+    once with the compiled copy_live and once with the pure-Python loop: both segments
+    (volatile header words zeroed) and the counters each left."""
+    ns = unique_namespace("cl")
+    out: list[bytes] = []
+    counters = []
+    try:
+        t = ShmTable.create(ns, capacity=64, data_bytes=1 << 16)
+        try:
+            for seqno, (op, kid, vlen, expiry) in enumerate(ops, 1):
+                key = encode_key(f"key-{kid}")
+                if op == "put":
+                    t.put(key, 1, bytes([kid]) * vlen, seqno, expiry)
+                else:
+                    t.delete(key, seqno)
+            old = t._seg
+            assert old is not None
+            for compiled in (True, False):
+                new = t._new_segment(old.capacity * grow, old.data_words << 3, t._live_words << 3)
+                try:
+                    t._copy_live(old, new, compiled=compiled)
+                    raw = bytearray(new.mm[: new.committed])
+                    for w in _VOLATILE_WORDS:
+                        raw[8 * w : 8 * w + 8] = bytes(8)
+                    out.append(bytes(raw) + new.top.to_bytes(8, "little"))
+                    counters.append((t._live, t._tombstones, t._live_words))
+                finally:
+                    new.close()
+        finally:
+            t.close(unlink=True)
+    finally:
+        unlink_all(ns)
+    assert counters[0] == counters[1], counters
+    return out[0], out[1], counters[0]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=OPS, grow=st.sampled_from([1, 2, 4]))
+def test_compiled_and_pure_python_rebuild_copies_are_byte_identical(ops: list[tuple[str, int, int, int]], grow: int) -> None:
+    c_bytes, py_bytes, (live, tombstones, _words) = copies_both(ops, grow)
+    assert tombstones == 0
+    if c_bytes != py_bytes:
+        first = next(i for i in range(min(len(c_bytes), len(py_bytes))) if c_bytes[i] != py_bytes[i])
+        raise AssertionError(f"copies differ first at byte {first} (word {first // 8})")
+
+
+def test_a_rebuild_copy_keeps_what_is_live_and_drops_what_is_not() -> None:
+    """Not only equal to each other: the copy holds exactly the live, unexpired keys."""
+    ops = [("put", k, 40 + k, 0) for k in range(50)]
+    ops += [("delete", k, 0, 0) for k in range(0, 50, 5)]  # 10 deletes leave tombstones
+    ops += [("put", k, 90, 0) for k in range(1, 50, 7)]  # overwrites of another chunk size
+    ops += [("put", 100 + k, 30, PAST) for k in range(5)] + [("put", 200 + k, 30, FUTURE) for k in range(5)]
+    model: dict[int, int] = {}  # key id -> value length, what a reader must find
+    for op, kid, vlen, expiry in ops:
+        model.pop(kid, None)
+        if op == "put" and expiry != PAST:
+            model[kid] = vlen
+    c_bytes, _py, (live, tombstones, words) = copies_both(ops, 2)
+    assert (live, tombstones) == (len(model), 0) and len(model) == 46
+    assert words == sum(layout.chunk_words(len(encode_key(f"key-{k}")), n) for k, n in model.items())
+
+
+def test_copy_live_refuses_a_bad_geometry_and_a_new_segment_too_small() -> None:
+    assert extension is not None
+    old = bytearray(layout.HEADER_SIZE + 8 * 8 + 64 * 8)
+    with pytest.raises(ValueError, match="bad geometry"):
+        extension.copy_live(old, bytearray(len(old)), 8, 12, layout.HEADER_SIZE // 8 + 8, 0)
+    q = memoryview(old).cast("Q")
+    lo = layout.HEADER_SIZE // 8 + 8
+    q[lo + layout.R_LENS] = 3 << 32 | 100  # a 3-byte key and 100-byte value: 17 words
+    old[8 * lo + 32 : 8 * lo + 35] = b"abc"
+    q[layout.HEADER_SIZE // 8] = lo
+    with pytest.raises(RuntimeError, match="too small"):
+        extension.copy_live(old, bytearray(8 * (lo + 10)), 8, 8, lo, 0)
+    q[lo + layout.R_LENS] = 3 << 32 | 10_000  # runs past the end of the old segment
+    with pytest.raises(RuntimeError, match="past the end"):
+        extension.copy_live(old, bytearray(len(old) * 40), 8, 8, lo, 0)

@@ -2041,6 +2041,97 @@ build_fill(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                          (unsigned long long)max_seqno);
 }
 
+/* Growing or compacting the table (writer.py ShmTable._copy_live): copy every live,
+ * unexpired record of the current segment into a new, unpublished one. The pure-Python
+ * _copy_live is the reference; this does the same, byte for byte: walk the old index in
+ * slot order, skip EMPTY and TOMBSTONE slots and records whose expiry has passed, copy
+ * each chunk whole (header, key, value, padding) to the new bump pointer with its seq
+ * word set to 0, and place its slot by linear probing from XXH64(key) & (new capacity - 1)
+ * with the fingerprint of the old slot. The old segment is only written by the caller's
+ * thread (the daemon's loop, which is in this call) and nobody maps the new one yet, so
+ * plain loads and stores are enough; the GIL is released meanwhile (the buffers stay
+ * exported, so neither mapping can be closed). In pure Python a 4 KiB-value table of
+ * 150,000 keys took about 2 s, with every write waiting behind it. */
+static PyObject *
+copy_live(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "copy_live(old, new, old_capacity, new_capacity, new_top, now_ms)");
+        return NULL;
+    }
+    unsigned long long u[4];
+    for (int j = 0; j < 4; j++) {
+        u[j] = PyLong_AsUnsignedLongLong(args[2 + j]);
+        if (u[j] == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    const uint64_t ocap = u[0], ncap = u[1], now = u[3];
+    uint64_t top = u[2];
+    Py_buffer ov, nv;
+    if (PyObject_GetBuffer(args[0], &ov, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &nv, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&ov);
+        return NULL;
+    }
+    const uint64_t olen = (uint64_t)ov.len / 8, nlen = (uint64_t)nv.len / 8;
+    if (ocap < MIN_CAPACITY || (ocap & (ocap - 1)) || ncap < MIN_CAPACITY || (ncap & (ncap - 1)) ||
+        HEADER_SIZE / 8 + ocap > olen || HEADER_SIZE / 8 + ncap > top || top > nlen ||
+        ((uintptr_t)ov.buf & 7) || ((uintptr_t)nv.buf & 7)) {
+        PyBuffer_Release(&ov);
+        PyBuffer_Release(&nv);
+        PyErr_Format(PyExc_ValueError, "bad geometry: capacities %llu -> %llu, new top %llu, buffers of %llu and %llu bytes",
+                     u[0], u[1], u[2], (unsigned long long)ov.len, (unsigned long long)nv.len);
+        return NULL;
+    }
+    const uint64_t *OQ = (const uint64_t *)ov.buf, *OS = OQ + HEADER_SIZE / 8;
+    uint64_t *NQ = (uint64_t *)nv.buf, *NS = NQ + HEADER_SIZE / 8;
+    const uint64_t nmask = ncap - 1;
+    uint64_t live = 0, live_words = 0;
+    const char *bad = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (uint64_t i = 0; i < ocap; i++) {
+        uint64_t x = OS[i];
+        if (x == SLOT_EMPTY || x == SLOT_TOMBSTONE)
+            continue;
+        uint64_t w = x & LOC_MASK;
+        if (w < HEADER_SIZE / 8 + ocap || w + REC_HEADER_WORDS > olen) {
+            bad = "a slot points outside the old segment's data area";
+            break;
+        }
+        uint64_t lens = OQ[w + R_LENS], xv = OQ[w + R_EXPIRY_VFLAG];
+        if ((xv >> 8) && (xv >> 8) <= now)
+            continue;
+        uint64_t klen = lens >> 32;
+        uint64_t nw = (REC_HEADER_SIZE + klen + (lens & LOC_MASK) + 7) >> 3;
+        if (nw > olen - w) {
+            bad = "a record runs past the end of the old segment";
+            break;
+        }
+        if (nw > nlen - top || live + 1 >= ncap) {
+            bad = "the new segment is too small for the live records";
+            break;
+        }
+        memcpy(NQ + top, OQ + w, (size_t)nw * 8);
+        NQ[top + R_SEQ] = 0;
+        uint64_t j = xxh64((const uint8_t *)(OQ + w + REC_HEADER_WORDS), (size_t)klen, 0) & nmask;
+        while (NS[j] != SLOT_EMPTY)
+            j = (j + 1) & nmask;
+        NS[j] = (x & FP_MASK) | top;
+        top += nw;
+        live++;
+        live_words += nw;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&ov);
+    PyBuffer_Release(&nv);
+    if (bad != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, bad);
+        return NULL;
+    }
+    return Py_BuildValue("(KKK)", (unsigned long long)live, (unsigned long long)live_words, (unsigned long long)top);
+}
+
 /* Retiring a segment (writer.py _mark_moved): MOVED into every slot of ``buf`` (the index
  * of a segment that is no longer current), one aligned 8-byte atomic store each, never a
  * bulk memset (vector stores are not promised atomic per 8 bytes, and a reader may be
@@ -2079,6 +2170,9 @@ static PyMethodDef module_methods[] = {
     {"build_fill", (PyCFunction)(void (*)(void))build_fill, METH_FASTCALL,
      "build_fill(buf, entries, capacity, data_off, data_words, now_ms) -> (live, data_words, max_seqno): "
      "write the records and the index of an unpublished segment (ShmTable.build)"},
+    {"copy_live", (PyCFunction)(void (*)(void))copy_live, METH_FASTCALL,
+     "copy_live(old, new, old_capacity, new_capacity, new_top, now_ms) -> (live, live_words, top): "
+     "copy the live records of a segment into a new, unpublished one (ShmTable._copy_live)"},
     {"mark_moved", (PyCFunction)mark_moved, METH_O,
      "mark_moved(slots): MOVED into every 8-byte slot of a retired segment's index, one atomic store each"},
     {NULL, NULL, 0, NULL},

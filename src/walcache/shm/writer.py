@@ -816,8 +816,11 @@ class ShmTable:
         b = a + (lens >> 32)
         return seg.mm[a:b], xv & 0xFF, seg.mm[b : b + (lens & LOC_MASK)], q[w + R_SEQNO], xv >> 8
 
-    def _rebuild(self, extra_words: int, extra_keys: int = 1) -> None:
-        """Copy the live entries into a new segment (compacted, maybe larger); retire the old."""
+    def _rebuild(self, extra_words: int, extra_keys: int = 1, compiled: bool | None = None) -> None:
+        """Copy the live entries into a new segment (compacted, maybe larger); retire the old.
+
+        Every write waits while this runs; ``compiled`` picks the copy (see _copy_live).
+        """
         old = self._seg
         assert old is not None
         capacity = old.capacity
@@ -828,7 +831,7 @@ class ShmTable:
             data_words *= 2
         new = self._new_segment(capacity, data_words << 3, (self._live_words + extra_words) << 3)
         try:
-            self._copy_live(old, new)
+            self._copy_live(old, new, compiled)
         except BaseException:
             new.close()
             _unlink(new.name)
@@ -846,11 +849,26 @@ class ShmTable:
             _unlink(old.name)
         old.close()
 
-    def _copy_live(self, old: _Segment, new: _Segment) -> None:
-        # The new segment is not mapped by anyone yet: plain bulk copies, no seqlock.
+    def _copy_live(self, old: _Segment, new: _Segment, compiled: bool | None = None) -> None:
+        """Every live, unexpired record of ``old`` into ``new`` (not mapped by anyone yet).
+
+        ``compiled`` as in :meth:`build`: the extension's ``copy_live`` does the same as
+        the loop below, byte for byte, without the GIL and at memory speed (a rebuild
+        stops every write while it runs).
+        """
+        now = now_ms()
+        ext = _builder(compiled)
+        if ext is not None:
+            # Only the committed pages of the new segment: past them a store could fault.
+            with memoryview(new.mm) as whole, whole[: new.committed] as room:
+                live, live_words, top = ext.copy_live(old.mm, room, old.capacity, new.capacity, new.top, now)
+            new.top = top
+            self._live, self._tombstones, self._live_words = live, 0, live_words
+            self._store_counts(new)
+            return
+        # The reference: plain bulk copies, no seqlock.
         oq, om, nq, nm = old.q, old.mm, new.q, new.mm
         nslots, nmask = new.slots, new.mask
-        now = now_ms()
         live = live_words = 0
         top = new.top
         for x in old.slots.tolist():
@@ -1140,9 +1158,13 @@ class _Builder(Protocol):
 
 
 class _Compiled(_Builder, Protocol):
-    """What writer.py uses of the extension: the builder and the retiring loop."""
+    """What writer.py uses of the extension: the builder, the rebuild copy and the retiring loop."""
 
     def mark_moved(self, slots: memoryview, /) -> None: ...
+
+    def copy_live(
+        self, old: mmap.mmap, new: memoryview, old_capacity: int, new_capacity: int, new_top: int, now_ms: int, /
+    ) -> tuple[int, int, int]: ...
 
 
 def _builder(compiled: bool | None) -> _Compiled | None:
@@ -1151,7 +1173,7 @@ def _builder(compiled: bool | None) -> _Compiled | None:
         return None
     from .creader import extension, extension_error
 
-    if extension is not None and not hasattr(extension, "mark_moved"):
+    if extension is not None and not hasattr(extension, "copy_live"):
         extension, extension_error = None, "built from an older source without the builder: rebuild it"
     if compiled is None:
         if extension is None or os.environ.get("WALCACHE_PURE_PYTHON", "") not in ("", "0"):

@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""How long a growing shared table stops the daemon's writes: the rebuild copy.
+
+    python bench/bench_rebuild.py            # 100,000 x 100 B and 150,000 x 4 KiB
+    python bench/bench_rebuild.py --quick    # 20,000 keys of each size
+
+When a put finds the table's index or data area full, the daemon builds a larger
+segment, copies every live record into it, publishes it and retires the old one
+(ShmTable._rebuild). Readers go on reading the old segment meanwhile; every write
+waits. This builds a table of N keys in bulk, then times whole rebuilds that double
+the index, with the compiled copy (_creader.copy_live) and with the pure-Python
+loop it must match byte for byte, alternating, a median of ``--runs`` each.
+
+Prints a table and writes bench/results/rebuild-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from walcache.shm import ShmTable  # noqa: E402
+from walcache.shm.creader import extension  # noqa: E402
+
+
+def one_size(keys: int, value_bytes: int, runs: int) -> dict[str, Any]:
+    ns = f"wcbench-rb-{uuid.uuid4().hex[:10]}"
+    value = os.urandom(value_bytes)
+    entries = [(b"k%011d" % i, 1, value, i + 1, 0) for i in range(keys)]
+    times: dict[str, list[float]] = {"compiled": [], "pure Python": []}
+    try:
+        table = ShmTable.build(ns, entries, capacity=keys)
+        del entries
+        try:
+            table.publish()
+            for _ in range(runs):
+                for name, compiled in (("compiled", True), ("pure Python", False)):
+                    t0 = time.perf_counter()
+                    # Room for as many keys again: the index doubles, as a growing table's does.
+                    table._rebuild(extra_words=0, extra_keys=len(table), compiled=compiled)
+                    times[name].append(time.perf_counter() - t0)
+        finally:
+            table.close(unlink=True)
+    finally:
+        common.unlink_shm(ns)
+    row: dict[str, Any] = {"keys": keys, "value_bytes": value_bytes, "runs": runs}
+    for name, ts in times.items():
+        row[name] = {"median_s": statistics.median(ts), "all_s": ts}
+    row["speedup"] = row["pure Python"]["median_s"] / row["compiled"]["median_s"]
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="20,000 keys of each size, one run")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    if extension is None:
+        print("the compiled extension is not built: nothing to compare", file=sys.stderr)
+        return 1
+    sizes = [(20_000, 100), (20_000, 4096)] if args.quick else [(100_000, 100), (150_000, 4096)]
+    runs = 1 if args.quick else args.runs
+    doc: dict[str, Any] = {
+        "bench": "rebuild",
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"cpu": common.cpu_model(), "psi_cpu_before": common.psi_cpu()},
+        "results": [],
+    }
+    for keys, vb in sizes:
+        print(f"... {keys:,} keys x {vb} B", file=sys.stderr, flush=True)
+        doc["results"].append(one_size(keys, vb, runs))
+    doc["machine"]["psi_cpu_after"] = common.psi_cpu()
+    out = common.write_dated_json(doc, "rebuild")
+    print(f"\nrebuild that doubles the index (writes wait this long); median of {runs} run(s)\n")
+    print("| keys | value | compiled copy | pure-Python copy | speedup |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in doc["results"]:
+        print(f"| {r['keys']:,} | {r['value_bytes']} B | {r['compiled']['median_s'] * 1e3:.0f} ms | "
+              f"{r['pure Python']['median_s'] * 1e3:.0f} ms | {r['speedup']:.1f}x |")
+    print(f"\nCPU PSI before: {doc['machine']['psi_cpu_before']}; after: {doc['machine']['psi_cpu_after']}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
