@@ -823,6 +823,7 @@ class ShmTable:
         """
         old = self._seg
         assert old is not None
+        t0 = time.perf_counter()
         capacity = old.capacity
         while self._live + extra_keys > capacity * MIN_LOAD:
             capacity *= 2
@@ -836,11 +837,6 @@ class ShmTable:
             new.close()
             _unlink(new.name)
             raise
-        log.info(
-            "rebuilt shm table: %d -> %d slots, %d -> %d data bytes, %d live keys (%s -> %s)",
-            old.capacity, new.capacity, old.data_words << 3, new.data_words << 3,
-            self._live, old.name, new.name,
-        )  # fmt: skip
         self._seg = new
         if self._published:
             self._point_ctl_at(new)
@@ -848,6 +844,12 @@ class ShmTable:
         else:
             _unlink(old.name)
         old.close()
+        # Every write waited this long: the figure an operator needs to size the table up front.
+        log.info(
+            "rebuilt shm table in %.0f ms: %d -> %d slots, %d -> %d data bytes, %d live keys (%s -> %s)",
+            (time.perf_counter() - t0) * 1e3, old.capacity, new.capacity, old.data_words << 3,
+            new.data_words << 3, self._live, old.name, new.name,
+        )  # fmt: skip
 
     def _copy_live(self, old: _Segment, new: _Segment, compiled: bool | None = None) -> None:
         """Every live, unexpired record of ``old`` into ``new`` (not mapped by anyone yet).
