@@ -71,6 +71,11 @@ class PidLockFile:
         finally:
             os.close(fd)
 
+    def who(self) -> tuple[int | None, str]:
+        """(pid, "pid N") of the holder, for a refusal; the pid is None if not written yet."""
+        pid = self.holder()
+        return pid, f"pid {pid}" if pid is not None else "another process (pid not yet written)"
+
     def release(self) -> None:
         if self._fd is None:
             return
@@ -94,8 +99,7 @@ class DataDirLock(PidLockFile):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.try_acquire():
             return
-        pid = self.holder()
-        who = f"pid {pid}" if pid is not None else "another process (pid not yet written)"
+        pid, who = self.who()
         raise DataDirLocked(
             f"data dir {self.data_dir} is in use by {who}: stop that daemon, "
             "or give this one another --data-dir",
@@ -131,8 +135,7 @@ class SocketLock(PidLockFile):
         """Take the lock or raise ConfigError naming the pid that holds it."""
         if self.try_acquire():
             return
-        pid = self.holder()
-        who = f"pid {pid}" if pid is not None else "another process (pid not yet written)"
+        _pid, who = self.who()
         raise ConfigError(
             f"socket {self.socket_path} is in use by {who} (it holds {self.path.name}): "
             "stop that daemon or pass another --socket"
