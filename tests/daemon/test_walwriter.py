@@ -69,6 +69,91 @@ def test_policy_interval_syncs_once_the_interval_has_passed(tmp_path: Path) -> N
     writer.close()
 
 
+class _HeldSync(FaultyFileOps):
+    """A disk whose next fdatasync (once ``hold`` is set) returns only when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def fdatasync(self, fd: int) -> None:
+        if self.hold:
+            self.hold = False  # only this one: later syncs (a rotation's) go through
+            self.entered.set()
+            assert self.release.wait(30), "the test never released the sync"
+        super().fdatasync(fd)
+
+
+def _in_thread(fn: object) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()  # type: ignore[operator]
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, errors
+
+
+def test_interval_appends_go_on_while_the_timed_sync_runs(tmp_path: Path) -> None:
+    """The daemon's loop thread appends under --fsync interval: a timed sync (the flusher's
+    sync_if_due) must not hold the writer while its fdatasync runs. The sync makes the
+    records written before it durable; one appended meanwhile waits for the next sync."""
+    fo = _HeldSync()
+    writer, _, _ = recover(tmp_path, fileops=fo, policy="interval", interval_ms=1)
+    writer.sync_in_background = True
+    writer.append(writer.encode(_put(1))[1])
+    assert writer.durable_seqno == 0  # appends no longer sync by themselves
+    time.sleep(0.01)  # past the 1 ms interval: due
+    fo.hold = True
+    syncer, sync_errors = _in_thread(writer.sync_if_due)
+    assert fo.entered.wait(10)
+    appender, append_errors = _in_thread(lambda: writer.append(writer.encode(_put(2))[1]))
+    appender.join(10)
+    done_while_held = not appender.is_alive()
+    fo.release.set()
+    syncer.join(10)
+    appender.join(10)
+    assert done_while_held, "the append waited for the fdatasync in flight"
+    assert not sync_errors and not append_errors, (sync_errors, append_errors)
+    assert writer.written_seqno == 2 and writer.durable_seqno == 1
+    assert writer.sync_due_in() is not None  # record 2 still waits for a sync
+    time.sleep(0.01)
+    writer.sync_if_due()
+    assert writer.durable_seqno == 2 and writer.sync_due_in() is None
+    writer.close()
+
+
+def test_a_rotation_waits_for_the_timed_sync_of_the_segment_it_closes(tmp_path: Path) -> None:
+    """A rotation closes the old segment's descriptor: with a timed sync of that segment in
+    flight outside the lock, it must wait for it (else the sync fails on a closed fd)."""
+    fo = _HeldSync()
+    writer, _, _ = recover(tmp_path, fileops=fo, policy="interval", interval_ms=1, segment_bytes=4096)
+    writer.sync_in_background = True
+    big = 1500  # two records fit in a 4096-byte segment, the third starts the next one
+    writer.append(writer.encode(_put(1, big))[1])
+    writer.append(writer.encode(_put(2, big))[1])
+    segno = writer.segno
+    time.sleep(0.01)
+    fo.hold = True
+    syncer, sync_errors = _in_thread(writer.sync_if_due)
+    assert fo.entered.wait(10)
+    rotator, rotate_errors = _in_thread(lambda: writer.append(writer.encode(_put(3, big))[1]))
+    time.sleep(0.2)  # room for the rotation to run ahead, if it does not wait
+    fo.release.set()
+    syncer.join(10)
+    rotator.join(10)
+    assert not sync_errors and not rotate_errors, (sync_errors, rotate_errors)
+    assert not writer.failed and writer.segno == segno + 1 and writer.durable_seqno >= 2
+    writer.close()
+    assert [r.seqno for r in all_records(tmp_path)] == [1, 2, 3]
+
+
 def test_interval_no_write_waits_much_more_than_the_interval(tmp_path: Path) -> None:
     """--fsync interval through the daemon's flusher thread: a write made just after a sync and
     followed by another one before the interval ends is synced when the interval ends.

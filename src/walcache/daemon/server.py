@@ -186,6 +186,10 @@ class _Flusher(threading.Thread):
         self.writer = writer
         self.wake_fd = wake_fd
         self.interval_s = interval_s
+        if interval_s is not None:
+            # --fsync interval: this thread makes every timed sync, outside the writer's
+            # lock, so that the loop thread's appends never wait for an fdatasync.
+            writer.sync_in_background = True
         self.jobs: deque[bytes | _SealRequest | None] = deque()
         self._bell = threading.Lock()
         self._bell.acquire()  # held: nothing submitted since the flusher last looked
@@ -220,10 +224,25 @@ class _Flusher(threading.Thread):
         if self.loop_waiting:
             os.write(self.wake_fd, what)
 
+    def _timed_sync(self) -> bool:
+        """--fsync interval: sync what is due; False once that failed (the loop is told)."""
+        try:
+            self.writer.sync_if_due()
+        except BaseException as exc:  # noqa: BLE001 - reported to the loop
+            self.done.append((exc, 0, 0, 0.0))
+            os.write(self.wake_fd, b"f")
+            return False
+        return True
+
     def run(self) -> None:
         jobs = self.jobs
         writer = self.writer
         while True:
+            if jobs and self.interval_s is not None and writer.sync_due_in() == 0.0:
+                # --fsync interval: appends never sync (sync_in_background), so a due sync
+                # comes first even while groups keep coming.
+                if not self._timed_sync():
+                    return
             if not jobs:
                 # --fsync interval: sleep until the unsynced writes are due, not a whole
                 # interval after the last append (a write would then wait up to twice the
@@ -237,11 +256,7 @@ class _Flusher(threading.Thread):
                 if self._bell.acquire(timeout=timeout):
                     continue
                 # --fsync interval: no batch for a while, sync what was written.
-                try:
-                    writer.sync_if_due()
-                except BaseException as exc:  # noqa: BLE001 - reported to the loop
-                    self.done.append((exc, 0, 0, 0.0))
-                    os.write(self.wake_fd, b"f")
+                if not self._timed_sync():
                     return
                 continue
             if type(jobs[0]) is bytes:
