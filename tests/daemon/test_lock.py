@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from walcache import DataDirLocked
-from walcache.daemon.lock import DataDirLock
+from walcache import ConfigError, DataDirLocked
+from walcache.daemon.lock import DataDirLock, SocketLock
 
 HOLDER = """
 import sys
@@ -102,3 +102,14 @@ def test_a_second_lock_object_in_the_same_process_is_refused(tmp_path: Path) -> 
     finally:
         a.release()
     a.release()  # idempotent
+
+
+def test_a_symlink_at_the_socket_lock_is_refused_with_a_config_error(tmp_path: Path) -> None:
+    """O_NOFOLLOW: a planted symlink is never opened, let alone truncated; the daemon is
+    refused with the path (a ConfigError: exit 2, which systemd does not restart)."""
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    (tmp_path / "walcache.sock.lock").symlink_to(target)
+    with pytest.raises(ConfigError, match="walcache.sock.lock"):
+        SocketLock(tmp_path / "walcache.sock").acquire()
+    assert target.read_text() == "keep me"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -72,17 +73,23 @@ def test_policy_interval_syncs_once_the_interval_has_passed(tmp_path: Path) -> N
 class _HeldSync(FaultyFileOps):
     """A disk whose next fdatasync (once ``hold`` is set) returns only when the test says so."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_held: bool = False) -> None:
         super().__init__()
         self.hold = False
+        self.fail_held = fail_held  # the held sync then fails with EIO
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.after_failure: list[int] = []  # descriptors synced after the held sync failed
 
     def fdatasync(self, fd: int) -> None:
         if self.hold:
             self.hold = False  # only this one: later syncs (a rotation's) go through
             self.entered.set()
             assert self.release.wait(30), "the test never released the sync"
+            if self.fail_held:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        elif self.fail_held and self.entered.is_set():
+            self.after_failure.append(fd)
         super().fdatasync(fd)
 
 
@@ -152,6 +159,34 @@ def test_a_rotation_waits_for_the_timed_sync_of_the_segment_it_closes(tmp_path: 
     assert not writer.failed and writer.segno == segno + 1 and writer.durable_seqno >= 2
     writer.close()
     assert [r.seqno for r in all_records(tmp_path)] == [1, 2, 3]
+
+
+def test_an_append_that_waited_for_a_failed_timed_sync_fails_too(tmp_path: Path) -> None:
+    """The timed sync fails (EIO) while an append waits for it to rotate: the append must
+    raise LogFailed, not sync the failed segment again (nothing is retried) and go on into
+    a new segment, where its record would be acknowledged."""
+    fo = _HeldSync(fail_held=True)
+    writer, _, _ = recover(tmp_path, fileops=fo, policy="interval", interval_ms=1, segment_bytes=4096)
+    writer.sync_in_background = True
+    big = 1500  # two records fit in a 4096-byte segment, the third starts the next one
+    writer.append(writer.encode(_put(1, big))[1])
+    writer.append(writer.encode(_put(2, big))[1])
+    segno = writer.segno
+    time.sleep(0.01)
+    fo.hold = True
+    syncer, sync_errors = _in_thread(writer.sync_if_due)
+    assert fo.entered.wait(10)
+    rotator, rotate_errors = _in_thread(lambda: writer.append(writer.encode(_put(3, big))[1]))
+    time.sleep(0.2)  # room for the rotation to reach the wait
+    fo.release.set()
+    syncer.join(10)
+    rotator.join(10)
+    assert [type(e) for e in sync_errors] == [LogFailed] and [type(e) for e in rotate_errors] == [LogFailed]
+    assert writer.failed and writer.segno == segno and writer.durable_seqno == 0
+    assert fo.after_failure == []
+    with pytest.raises(LogFailed):
+        writer.sync()
+    writer.close()
 
 
 def test_interval_no_write_waits_much_more_than_the_interval(tmp_path: Path) -> None:

@@ -223,8 +223,11 @@ class FaultyFileOps(FileOps):
         self.fsyncs += 1
         if self.fsyncs in self.fail_fsync_at:
             raise OSError(self.fsync_errno, os.strerror(self.fsync_errno), str(self._fd_path.get(fd)))
+        # What was written before the call: a write made while the sync runs (another
+        # thread, outside the writer's lock) is not promised by it.
+        before = os.pread(fd, os.fstat(fd).st_size, 0)
         super().fdatasync(fd)
-        self._durable[self._fd_ino[fd]] = os.pread(fd, os.fstat(fd).st_size, 0)
+        self._durable[self._fd_ino[fd]] = before
 
     def ftruncate(self, fd: int, size: int) -> None:
         self._enter("ftruncate")

@@ -132,9 +132,15 @@ class SocketLock(PidLockFile):
         super().__init__(self.socket_path.with_name(self.socket_path.name + ".lock"))
 
     def acquire(self) -> None:
-        """Take the lock or raise ConfigError naming the pid that holds it."""
-        if self.try_acquire():
-            return
+        """Take the lock or raise ConfigError naming the pid that holds it (or the problem)."""
+        try:
+            if self.try_acquire():
+                return
+        except OSError as exc:  # a symlink (O_NOFOLLOW), a directory, no permission
+            raise ConfigError(
+                f"cannot take the socket lock {self.path}: {exc.strerror or exc}: "
+                "remove what is there or pass another --socket"
+            ) from None
         _pid, who = self.who()
         raise ConfigError(
             f"socket {self.socket_path} is in use by {who} (it holds {self.path.name}): "

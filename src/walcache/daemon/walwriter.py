@@ -343,7 +343,8 @@ class WalWriter:
             if self.closed:
                 return
             try:
-                self._wait_for_background_sync()
+                while self._syncing:  # the descriptor is closed below
+                    self._sync_done.wait()
                 if not self.failed:
                     self._sync_locked()
             finally:
@@ -379,9 +380,15 @@ class WalWriter:
         self.durable_seqno = max(self.durable_seqno, target)
 
     def _wait_for_background_sync(self) -> None:
-        """Under the lock: let a sync_if_due() fdatasync in flight return before the fd is used."""
+        """Under the lock: let a sync_if_due() fdatasync in flight return before the fd is used.
+
+        LogFailed if that fdatasync failed: a caller that waited must not sync the same
+        descriptor again (nothing is retried) nor go on writing.
+        """
         while self._syncing:
             self._sync_done.wait()
+        if self.failed:
+            raise self._unusable()
 
     def _reserve(self, n: int) -> None:
         """Make sure ``[offset, offset+n)`` lies in zero-filled, allocated space."""
