@@ -7,9 +7,11 @@
 When a put finds the table's index or data area full, the daemon builds a larger
 segment, copies every live record into it, publishes it and retires the old one
 (ShmTable._rebuild). Readers go on reading the old segment meanwhile; every write
-waits. This builds a table of N keys in bulk, then times whole rebuilds that double
-the index, with the compiled copy (_creader.copy_live) and with the pure-Python
-loop it must match byte for byte, alternating, a median of ``--runs`` each.
+waits. For each run this builds a fresh table of N keys in bulk and times one
+whole rebuild that doubles its index (and sizes the data area for the live
+records), with the compiled copy (_creader.copy_live) and with the pure-Python
+loop it must match byte for byte, alternating which goes first; the median of
+``--runs`` each.
 
 Prints a table and writes bench/results/rebuild-<date>.json.
 """
@@ -33,27 +35,38 @@ from walcache.shm import ShmTable  # noqa: E402
 from walcache.shm.creader import extension  # noqa: E402
 
 
-def one_size(keys: int, value_bytes: int, runs: int) -> dict[str, Any]:
+def _timed_rebuild(keys: int, value: bytes, compiled: bool) -> tuple[float, int, int]:
+    """Build a fresh table of ``keys`` keys, publish it, time one rebuild that doubles its
+    index; (seconds, capacity before, capacity after)."""
     ns = f"wcbench-rb-{uuid.uuid4().hex[:10]}"
-    value = os.urandom(value_bytes)
-    entries = [(b"k%011d" % i, 1, value, i + 1, 0) for i in range(keys)]
-    times: dict[str, list[float]] = {"compiled": [], "pure Python": []}
     try:
-        table = ShmTable.build(ns, entries, capacity=keys)
-        del entries
+        table = ShmTable.build(ns, [(b"k%011d" % i, 1, value, i + 1, 0) for i in range(keys)], capacity=keys)
         try:
             table.publish()
-            for _ in range(runs):
-                for name, compiled in (("compiled", True), ("pure Python", False)):
-                    t0 = time.perf_counter()
-                    # Room for as many keys again: the index doubles, as a growing table's does.
-                    table._rebuild(extra_words=0, extra_keys=len(table), compiled=compiled)
-                    times[name].append(time.perf_counter() - t0)
+            before = table.stats()["capacity"]
+            # Room for as many keys again: the index doubles, as a growing table's does.
+            t0 = time.perf_counter()
+            table._rebuild(extra_words=0, extra_keys=len(table), compiled=compiled)
+            seconds = time.perf_counter() - t0
+            return seconds, before, table.stats()["capacity"]
         finally:
             table.close(unlink=True)
     finally:
         common.unlink_shm(ns)
-    row: dict[str, Any] = {"keys": keys, "value_bytes": value_bytes, "runs": runs}
+
+
+def one_size(keys: int, value_bytes: int, runs: int) -> dict[str, Any]:
+    value = os.urandom(value_bytes)
+    times: dict[str, list[float]] = {"compiled": [], "pure Python": []}
+    capacities = set()
+    for r in range(runs):
+        order = (("compiled", True), ("pure Python", False))
+        for name, compiled in order if r % 2 == 0 else order[::-1]:  # alternate which goes first
+            seconds, before, after = _timed_rebuild(keys, value, compiled)
+            times[name].append(seconds)
+            capacities.add((before, after))
+    row: dict[str, Any] = {"keys": keys, "value_bytes": value_bytes, "runs": runs,
+                           "capacity_before_after": sorted(capacities)}  # fmt: skip
     for name, ts in times.items():
         row[name] = {"median_s": statistics.median(ts), "all_s": ts}
     row["speedup"] = row["pure Python"]["median_s"] / row["compiled"]["median_s"]
