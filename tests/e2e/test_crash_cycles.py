@@ -114,10 +114,11 @@ def _reader(rid: int, sock: str, seed: int, outage: Any, stop: Any, out: Any) ->
     c.close()
 
 
-@pytest.mark.parametrize("fsync", ["always", "never"])
+@pytest.mark.parametrize("fsync", ["always", "interval", "never"])
 def test_acknowledged_writes_survive_sigkill_cycles(ws: Workspace, fsync: str) -> None:
-    # "never" too: every policy acks after write(), so a process crash loses nothing
-    # (and under "never" the loop thread writes the batches itself).
+    # "interval" and "never" too: every policy acks after write(), so a process crash
+    # loses nothing (under both the loop thread writes the batches itself; under
+    # "interval" the flusher's timed fdatasync runs beside those writes).
     rng = random.Random(SEED)
     d = ws.daemon("--fsync", fsync).start()
     pause, stop, outage = ctx.Event(), ctx.Event(), ctx.Event()
