@@ -136,6 +136,29 @@ def test_interval_appends_go_on_while_the_timed_sync_runs(tmp_path: Path) -> Non
     writer.close()
 
 
+def test_a_power_cut_after_a_timed_sync_keeps_what_it_claimed(tmp_path: Path) -> None:
+    """The background timed sync claims (durable_seqno) only the records written before it
+    started; a power cut right after it keeps at least those, and a prefix."""
+    fo = _HeldSync()
+    writer, _, _ = recover(tmp_path, fileops=fo, policy="interval", interval_ms=1)
+    writer.sync_in_background = True
+    for i in range(1, 6):
+        writer.append(writer.encode(_put(i))[1])
+    time.sleep(0.01)
+    fo.hold = True
+    syncer, sync_errors = _in_thread(writer.sync_if_due)
+    assert fo.entered.wait(10)
+    for i in range(6, 9):  # written while the sync runs: not claimed by it
+        writer.append(writer.encode(_put(i))[1])
+    fo.release.set()
+    syncer.join(10)
+    assert not sync_errors and writer.durable_seqno == 5 and writer.written_seqno == 8
+    fo.drop_unsynced()
+    _, report, table = recover(tmp_path)
+    kept = sorted(int(k[2:]) for k in table.entries)
+    assert kept == list(range(1, len(kept) + 1)) and len(kept) >= 5, kept
+
+
 def test_a_rotation_waits_for_the_timed_sync_of_the_segment_it_closes(tmp_path: Path) -> None:
     """A rotation closes the old segment's descriptor: with a timed sync of that segment in
     flight outside the lock, it must wait for it (else the sync fails on a closed fd)."""
