@@ -7,7 +7,10 @@ One process, two threads:
   records, applies durable batches to the shared table and writes replies;
 - the **flusher thread** owns the log file: it writes one batch of records and
   fdatasyncs it (``WalWriter.append``) while the loop goes on reading the next
-  requests. ``os.pwrite`` and ``os.fdatasync`` release the GIL.
+  requests. ``os.pwrite`` and ``os.fdatasync`` release the GIL. Under ``--fsync
+  interval`` (and ``never``) the loop writes each round's batch itself, a
+  page-cache copy, and under ``interval`` the flusher makes the timed syncs,
+  beside those writes (``WalWriter.sync_in_background``).
 
 Group commit needs no timer: while one batch is being synced, the loop hands the
 records of every request that arrives (from any connection) to the flusher at
