@@ -167,7 +167,7 @@ def _status(stats: dict[str, Any]) -> dict[str, Any]:
     for name in (
         "keys", "connections", "fsync", "shm_bytes", "live_bytes", "log_bytes", "max_memory",
         "fsync_p50_us", "fsync_p99_us", "commit_p50_us", "commit_p99_us", "avg_batch",
-        "last_seqno", "reader", "last_compaction",
+        "last_seqno", "reader", "last_compaction", "table_rebuilds", "last_table_rebuild",
     ):
         status[name] = stats.get(name)
     return status

@@ -140,6 +140,8 @@ def test_cli_put_get_delete_keys_stats_status(ws: Workspace) -> None:
     status = json.loads(cli("status", "--json", *sock).stdout)
     assert status["pid"] == d.pid and status["keys"] == 3
     assert status["rss_bytes"] > 0 and status["fsync_p50_us"] > 0
+    # A daemon that started with room for its keys has not rebuilt its table.
+    assert status["table_rebuilds"] == 0 and status["last_table_rebuild"] is None
     human = cli("status", *sock)
     assert human.returncode == 0 and b"rss_bytes" in human.stdout
 
@@ -147,6 +149,19 @@ def test_cli_put_get_delete_keys_stats_status(ws: Workspace) -> None:
 def test_cli_reports_a_missing_daemon_with_exit_3(ws: Workspace) -> None:
     r = cli("put", "k", "v", "--socket", str(ws.root / "nobody.sock"))
     assert r.returncode == 3 and b"walcache serve" in r.stderr
+
+
+def test_status_reports_the_table_rebuilds_writes_waited_for(ws: Workspace) -> None:
+    d = ws.daemon("--initial-capacity", "16").start()
+    with d.client() as c:
+        for i in range(10):
+            c.put_many({f"k{i}-{j}": "v" * 50 for j in range(40)})  # 400 keys: the index grows
+    status = json.loads(cli("status", "--json", "--socket", str(d.socket_path)).stdout)
+    last = status["last_table_rebuild"]
+    assert status["table_rebuilds"] >= 1 and last["ms"] >= 0 and last["when"]
+    assert 0 < last["live_keys"] < 400 and last["slots"] >= 64
+    human = cli("status", "--socket", str(d.socket_path)).stdout
+    assert b"last_table_rebuild" in human
 
 
 def test_cli_serve_refuses_bad_config_naming_the_source(ws: Workspace) -> None:

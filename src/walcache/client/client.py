@@ -227,7 +227,7 @@ class Client(MutableMapping[Key, Any]):
             reply = self._proto.next_reply()
         except (OSError, WalcacheError):
             return None
-        if reply is not None and reply.req_id == 0 and not reply.ok:
+        if reply is not None and reply.req_id == 0 and not reply.ok and isinstance(reply.value, WalcacheError):
             return reply.value
         return None
 

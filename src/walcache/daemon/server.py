@@ -1452,6 +1452,9 @@ class Daemon:
             "live_bytes": self.table.used_bytes,
             **self._compaction_stats(),
             "shm_bytes": table["segment_bytes"],
+            # Writes waited while the table grew (counted since this daemon started).
+            "table_rebuilds": table["rebuilds"],
+            "last_table_rebuild": table["last_rebuild"],
             "max_memory": self.cfg.max_memory,
             "table": table,
         }

@@ -34,7 +34,7 @@ import secrets
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import posix_ipc
 import psutil
@@ -241,6 +241,9 @@ class ShmTable:
         self._live_words = 0  # data words of live chunks
         self._applied = 0
         self._purge_cursor = 0
+        # Every write waits while the table rebuilds: how often and how long, for stats.
+        self.rebuilds = 0
+        self.last_rebuild: dict[str, Any] | None = None
 
     # -- construction -------------------------------------------------------------------
 
@@ -669,7 +672,7 @@ class ShmTable:
         self._seg.q[H_HEARTBEAT] = now_ms()
         self._seg.q[H_CLOSED] = 1
 
-    def stats(self) -> dict[str, int | str]:
+    def stats(self) -> dict[str, Any]:
         seg = self._seg
         assert seg is not None, "table is closed"
         return {
@@ -685,6 +688,8 @@ class ShmTable:
             "unallocated_bytes": (seg.end_words - seg.top) << 3,
             "committed_bytes": seg.committed,
             "applied_seqno": self._applied,
+            "rebuilds": self.rebuilds,
+            "last_rebuild": self.last_rebuild,
         }
 
     def close(self, unlink: bool = False) -> None:
@@ -844,10 +849,16 @@ class ShmTable:
         else:
             _unlink(old.name)
         old.close()
+        ms = (time.perf_counter() - t0) * 1e3
+        self.rebuilds += 1
+        self.last_rebuild = {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "ms": round(ms, 1), "live_keys": self._live,
+            "slots": new.capacity, "data_bytes": new.data_words << 3,
+        }  # fmt: skip
         # Every write waited this long: the figure an operator needs to size the table up front.
         log.info(
             "rebuilt shm table in %.0f ms: %d -> %d slots, %d -> %d data bytes, %d live keys (%s -> %s)",
-            (time.perf_counter() - t0) * 1e3, old.capacity, new.capacity, old.data_words << 3,
+            ms, old.capacity, new.capacity, old.data_words << 3,
             new.data_words << 3, self._live, old.name, new.name,
         )  # fmt: skip
 
