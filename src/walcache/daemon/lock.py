@@ -12,6 +12,7 @@ close-on-exec so a process the daemon spawns does not inherit the lock.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -55,8 +56,12 @@ class PidLockFile:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)  # drops the flock too
+            raise
         self._fd = fd
         return True
 
@@ -136,7 +141,10 @@ class SocketLock(PidLockFile):
         try:
             if self.try_acquire():
                 return
-        except OSError as exc:  # a symlink (O_NOFOLLOW), a directory, no permission
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.EACCES, errno.EPERM):
+                raise  # ENOSPC, EIO, EROFS...: may pass, so not a configuration error
+            # A symlink (refused by O_NOFOLLOW), a directory, a file we may not open.
             raise ConfigError(
                 f"cannot take the socket lock {self.path}: {exc.strerror or exc}: "
                 "remove what is there or pass another --socket"

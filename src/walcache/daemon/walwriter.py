@@ -4,15 +4,17 @@ Threads. ``encode()`` runs on the daemon's event-loop thread and touches no
 file: it assigns the next seqno and builds the record bytes (it reads
 ``durable_seqno``, an int the flusher replaces atomically under the GIL; a
 stale value only makes the record claim less, which is safe). ``append()``,
-``sync()``, ``sync_if_due()``, ``rotate()`` and ``close()`` do the I/O and are
-serialized by one lock; the daemon calls them from its one flusher thread
-(``sync`` may also come from shutdown). ``os.pwrite`` and ``os.fdatasync``
-release the GIL, so the loop keeps encoding while a group is being synced.
-One exception to the lock: under ``interval`` with ``sync_in_background`` set
-(the daemon sets it), ``sync_if_due()`` runs its fdatasync outside the lock, so
-appends go on meanwhile (under ``interval`` the daemon's loop thread appends
-itself, and a sync of an interval's worth of 4 KiB puts took 7-10 ms); a
-rotation or a close waits for that sync before it touches the descriptor.
+``sync()``, ``sync_if_due()``, ``rotate()``, ``seal()`` and ``close()`` do the
+I/O and are serialized by one lock. The daemon calls them from its flusher
+thread, except that under ``interval`` and ``never`` (and ``always`` with one
+connection) its loop thread appends, and so may rotate, itself; ``sync`` also
+comes from shutdown. ``os.pwrite`` and ``os.fdatasync`` release the GIL, so the
+loop keeps encoding while a group is being synced. One exception to the lock:
+under ``interval`` with ``sync_in_background`` set (the daemon sets it),
+``sync_if_due()`` runs its fdatasync outside the lock, so the loop thread's
+appends go on meanwhile instead of waiting for an interval's worth of writes to
+reach the disk (``bench/bench_put.py --policy interval``); a rotation, a sync
+or a close waits for that fdatasync before it touches the descriptor.
 
 Group commit. ``append(data)`` takes many encoded records joined together,
 writes them with one pwrite (continued after short writes) and, under policy
@@ -178,7 +180,8 @@ class WalWriter:
         self._last_sync = time.monotonic()
         self._lock = threading.Lock()
         self._failure: LogFailed | None = None
-        # --fsync interval in the daemon: only sync_if_due() syncs, outside the lock.
+        # --fsync interval in the daemon: appends never sync; the timed syncs are
+        # sync_if_due()'s, outside the lock (rotations, sync() and close() still sync).
         self.sync_in_background = False
         self._syncing = False  # a sync_if_due() fdatasync is in flight, outside the lock
         self._sync_done = threading.Condition(self._lock)
@@ -208,7 +211,7 @@ class WalWriter:
         self.next_seqno = seqno + 1
         return seqno, data
 
-    # ----------------------------------------------------------- flusher thread
+    # ----------------------------------------------- flusher thread (or the loop, see above)
 
     def append(self, data: bytes | bytearray | memoryview) -> None:
         """Write a group of encoded records (one pwrite; one fdatasync under ``always``).
@@ -258,12 +261,14 @@ class WalWriter:
 
         With ``sync_in_background`` the fdatasync runs outside the lock: appends made
         meanwhile are not waited for and stay pending for the next sync (the records
-        written before it started become durable). Only one thread may call this then.
+        written before it started become durable). A second caller while one sync is in flight returns without syncing.
         """
         with self._lock:
             if self.failed or self.closed:
                 raise self._unusable()
             if self.policy != "interval" or not self._due():
+                return
+            if self._syncing:  # another caller's sync is in flight (the daemon has one caller)
                 return
             if not self.sync_in_background:
                 self._sync_locked()
@@ -285,6 +290,7 @@ class WalWriter:
             elif isinstance(err, OSError):
                 raise self._fail(err, "fdatasync") from err
             else:
+                self._dirty = True  # nothing was promised: a later sync must still run
                 raise err
 
     def sync_due_in(self) -> float | None:
