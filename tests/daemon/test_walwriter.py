@@ -171,10 +171,12 @@ def test_a_power_cut_after_a_timed_sync_keeps_what_it_claimed(tmp_path: Path) ->
     assert kept == [1, 2, 3, 4, 5], kept  # the model keeps what was written before the sync began
 
 
-def test_a_rotation_waits_for_the_timed_sync_of_the_segment_it_closes(tmp_path: Path) -> None:
-    """A rotation closes the old segment's descriptor: with a timed sync of that segment in
-    flight outside the lock, it must wait for it (else the sync fails on a closed fd)."""
-    fo = _HeldSync()
+def _rotate_during_a_held_sync(
+    tmp_path: Path, fo: _HeldSync
+) -> tuple[WalWriter, int, list[BaseException], list[BaseException]]:
+    """Two records fill a 4096-byte segment; hold the timed sync of that segment, append a
+    third (which must rotate), wait until that append waits for the sync, release it.
+    Returns the writer, the first segment's number and the errors of sync and append."""
     writer, _, _ = recover(tmp_path, fileops=fo, policy="interval", interval_ms=1, segment_bytes=4096)
     writer.sync_in_background = True
     big = 1500  # two records fit in a 4096-byte segment, the third starts the next one
@@ -190,6 +192,13 @@ def test_a_rotation_waits_for_the_timed_sync_of_the_segment_it_closes(tmp_path: 
     fo.release.set()
     syncer.join(10)
     rotator.join(10)
+    return writer, segno, sync_errors, rotate_errors
+
+
+def test_a_rotation_waits_for_the_timed_sync_of_the_segment_it_closes(tmp_path: Path) -> None:
+    """A rotation closes the old segment's descriptor: with a timed sync of that segment in
+    flight outside the lock, it must wait for it (else the sync fails on a closed fd)."""
+    writer, segno, sync_errors, rotate_errors = _rotate_during_a_held_sync(tmp_path, _HeldSync())
     assert not sync_errors and not rotate_errors, (sync_errors, rotate_errors)
     assert not writer.failed and writer.segno == segno + 1 and writer.durable_seqno >= 2
     writer.close()
@@ -201,21 +210,7 @@ def test_an_append_that_waited_for_a_failed_timed_sync_fails_too(tmp_path: Path)
     raise LogFailed, not sync the failed segment again (nothing is retried) and go on into
     a new segment, where its record would be acknowledged."""
     fo = _HeldSync(fail_held=True)
-    writer, _, _ = recover(tmp_path, fileops=fo, policy="interval", interval_ms=1, segment_bytes=4096)
-    writer.sync_in_background = True
-    big = 1500  # two records fit in a 4096-byte segment, the third starts the next one
-    writer.append(writer.encode(_put(1, big))[1])
-    writer.append(writer.encode(_put(2, big))[1])
-    segno = writer.segno
-    time.sleep(0.01)
-    fo.hold = True
-    syncer, sync_errors = _in_thread(writer.sync_if_due)
-    assert fo.entered.wait(10)
-    rotator, rotate_errors = _in_thread(lambda: writer.append(writer.encode(_put(3, big))[1]))
-    _wait_until_parked(writer)  # the rotation waits for the sync (else it fails below)
-    fo.release.set()
-    syncer.join(10)
-    rotator.join(10)
+    writer, segno, sync_errors, rotate_errors = _rotate_during_a_held_sync(tmp_path, fo)
     assert [type(e) for e in sync_errors] == [LogFailed] and [type(e) for e in rotate_errors] == [LogFailed]
     assert writer.failed and writer.segno == segno and writer.durable_seqno == 0
     assert fo.after_failure == []
