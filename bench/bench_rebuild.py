@@ -13,6 +13,11 @@ records), with the compiled copy (_creader.copy_live) and with the pure-Python
 loop it must match byte for byte, alternating which goes first; the median of
 ``--runs`` each.
 
+Then, for the data area alone: a table sized for its keys (the index never grows)
+takes N puts of 4 KiB one by one, without a memory limit (the data area doubles by
+rebuilds, as before) and with one (--max-memory reserves room for the data, which
+then grows in place); the slowest put and the rebuilds are reported.
+
 Prints a table and writes bench/results/rebuild-<date>.json.
 """
 
@@ -73,6 +78,30 @@ def one_size(keys: int, value_bytes: int, runs: int) -> dict[str, Any]:
     return row
 
 
+def data_growth(keys: int, value_bytes: int, max_memory: int | None) -> dict[str, Any]:
+    """Insert ``keys`` keys into a table whose index already fits them: the slowest put."""
+    ns = f"wcbench-dg-{uuid.uuid4().hex[:10]}"
+    value = os.urandom(value_bytes)
+    worst = 0.0
+    try:
+        table = ShmTable.create(ns, capacity=keys, data_bytes=1 << 20, max_memory=max_memory)
+        try:
+            table.publish()
+            t_all = time.perf_counter()
+            for i in range(keys):
+                t0 = time.perf_counter()
+                table.put(b"k%011d" % i, 1, value, i + 1, 0)
+                worst = max(worst, time.perf_counter() - t0)
+            total = time.perf_counter() - t_all
+            st = table.stats()
+        finally:
+            table.close(unlink=True)
+    finally:
+        common.unlink_shm(ns)
+    return {"keys": keys, "value_bytes": value_bytes, "max_memory": max_memory, "worst_put_s": worst,
+            "total_s": total, "rebuilds": st["rebuilds"], "data_bytes": st["data_bytes"]}  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="20,000 keys of each size, one run")
@@ -92,6 +121,11 @@ def main() -> int:
     for keys, vb in sizes:
         print(f"... {keys:,} keys x {vb} B", file=sys.stderr, flush=True)
         doc["results"].append(one_size(keys, vb, runs))
+    growth_keys = 20_000 if args.quick else 150_000
+    doc["data_growth"] = []
+    for limit in (None, 4 << 30):
+        print(f"... data growth, {growth_keys:,} keys x 4096 B, max_memory {limit}", file=sys.stderr, flush=True)
+        doc["data_growth"].append(data_growth(growth_keys, 4096, limit))
     doc["machine"]["psi_cpu_after"] = common.psi_cpu()
     out = common.write_dated_json(doc, "rebuild")
     print(f"\nrebuild that doubles the index (writes wait this long); median of {runs} run(s)\n")
@@ -100,6 +134,13 @@ def main() -> int:
     for r in doc["results"]:
         print(f"| {r['keys']:,} | {r['value_bytes']} B | {r['compiled']['median_s'] * 1e3:.0f} ms | "
               f"{r['pure Python']['median_s'] * 1e3:.0f} ms | {r['speedup']:.1f}x |")
+    print(f"\ndata area growth: {growth_keys:,} puts of 4 KiB into a table sized for the keys\n")
+    print("| memory limit | rebuilds | slowest put | all puts | data area at the end |")
+    print("|---|---:|---:|---:|---:|")
+    for g in doc["data_growth"]:
+        limit = "none" if g["max_memory"] is None else f"{g['max_memory'] >> 30} GiB"
+        print(f"| {limit} | {g['rebuilds']} | {g['worst_put_s'] * 1e3:.1f} ms | {g['total_s']:.2f} s | "
+              f"{g['data_bytes'] >> 20} MiB |")
     print(f"\nCPU PSI before: {doc['machine']['psi_cpu_before']}; after: {doc['machine']['psi_cpu_after']}")
     print(f"wrote {out}")
     return 0

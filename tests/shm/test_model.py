@@ -29,17 +29,22 @@ VALUES = st.one_of(
 
 
 class TableVsModel(RuleBasedStateMachine):
+    MAX_MEMORY: int | None = None  # a limit gives segments a reserve: the data area grows in place
+
     def __init__(self) -> None:
         super().__init__()
         self.ns = unique_namespace("model")
         # Tiny on purpose: puts keep growing the index and compacting the data area.
-        self.table = ShmTable.create(self.ns, capacity=2, data_bytes=1024)
+        self.table = self._new_table()
         self.table.publish()
         self.reader = ShmReader(self.ns)
         # encoded key -> (vflag, value bytes, seqno, expiry_ms): every stored entry, expired or not
         self.model: dict[bytes, tuple[int, bytes, int, int]] = {}
         self.seqno = 0
         self.segment = self.table.name
+
+    def _new_table(self) -> ShmTable:
+        return ShmTable.create(self.ns, capacity=2, data_bytes=1024, max_memory=self.MAX_MEMORY)
 
     def _next_seqno(self) -> int:
         self.seqno += 1
@@ -72,7 +77,7 @@ class TableVsModel(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         """A new daemon: rebuild from the model (the log), publish, drop the old table."""
-        new = ShmTable.create(self.ns, capacity=2, data_bytes=1024)
+        new = self._new_table()
         live = {k: e for k, e in self.model.items() if e[3] != PAST}
         for kb, (vflag, vb, seqno, expiry) in live.items():
             new.put(kb, vflag, vb, seqno, expiry)
@@ -132,3 +137,11 @@ TableVsModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_table_matches_dict_model = TableVsModel.TestCase
+
+
+class TableVsModelWithReserve(TableVsModel):
+    MAX_MEMORY = 1 << 20
+
+
+TableVsModelWithReserve.TestCase.settings = TableVsModel.TestCase.settings
+test_table_with_a_memory_limit_matches_dict_model = TableVsModelWithReserve.TestCase

@@ -622,3 +622,60 @@ def test_every_publish_rewrites_the_control_segment_under_an_odd_seq(
     assert r.get(b"sk199") == (2, b"v" * 100)
     r.close()
     t.close(unlink=True)
+
+
+def _readers(namespace: str) -> list[Any]:
+    """Both readers where the extension is built (the growth must be invisible to each)."""
+    from walcache.shm.creader import CReader, extension
+
+    return [ShmReader(namespace)] + ([CReader(namespace)] if extension is not None else [])
+
+
+def test_with_a_memory_limit_the_data_area_grows_in_place(namespace: str) -> None:
+    """With --max-memory the segment reserves room (sparse) for twice that much data, so
+    growing the data area is a pointer move, not a rebuild that copies the table and
+    stops every write: same segment, no rebuild, readers keep their mapping and read it
+    all, and only the pages used are committed."""
+    t = ShmTable.create(namespace, capacity=4000, data_bytes=64 << 10, max_memory=16 << 20)
+    t.publish()
+    readers = _readers(namespace)
+    try:
+        name = t.name
+        st = t.stats()
+        assert 64 << 10 <= st["data_bytes"] < (64 << 10) + 8192 and st["reserve_bytes"] > 31 << 20
+        for i in range(3000):  # about 1.5 MB of records: the 64 KiB area doubles 5 times
+            put(t, i, b"x" * 500, seqno=i + 1)
+            if i % 500 == 0:
+                for r in readers:
+                    assert r.lookup(i) == b"x" * 500
+        st = t.stats()
+        assert t.name == name and st["rebuilds"] == 0
+        assert (1 << 20) < st["data_bytes"] <= 8 << 20 and st["committed_bytes"] < 4 << 20
+        for r in readers:
+            assert all(r.lookup(i) == b"x" * 500 for i in range(3000))
+            assert r.header()["name"] == name
+    finally:
+        for r in readers:
+            r.close()
+        t.close(unlink=True)
+
+
+def test_with_a_memory_limit_dead_chunks_are_still_compacted(namespace: str) -> None:
+    """Growing in place only replaces the rebuilds that would double the area: when most of
+    it is dead chunks (every round a new value size, so the free lists never serve one),
+    the table still rebuilds to compact it, and the area stays within a few times the
+    live data instead of taking the whole reserve."""
+    t = ShmTable.create(namespace, capacity=64, data_bytes=4096, max_memory=16 << 20)
+    t.publish()
+    try:
+        seqno = 0
+        for rnd in range(200):
+            for i in range(40):
+                seqno += 1
+                put(t, i, b"v" * (8 * rnd + 8), seqno=seqno)
+        st = t.stats()
+        assert st["rebuilds"] >= 1
+        assert int(st["data_bytes"]) <= 4 * int(st["used_bytes"]) + 4096
+        assert st["reserve_bytes"] > 30 << 20
+    finally:
+        t.close(unlink=True)

@@ -1451,7 +1451,9 @@ class Daemon:
             "log_bytes": _log_bytes(self.data_dir),
             "live_bytes": self.table.used_bytes,
             **self._compaction_stats(),
-            "shm_bytes": table["segment_bytes"],
+            # Memory the table holds: committed pages, not the segment's size, which with a
+            # memory limit includes a sparse reserve for the data to grow in place.
+            "shm_bytes": table["committed_bytes"],
             # Writes waited while the table grew (counted since this daemon started).
             "table_rebuilds": table["rebuilds"],
             "last_table_rebuild": table["last_rebuild"],
