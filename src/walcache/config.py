@@ -187,6 +187,15 @@ def _path(name: str, raw: object, source: str) -> Path:
     raise _fail(name, raw, source, "expected a path")
 
 
+def _optional_size(minimum: int) -> Callable[[str, object, str], object]:
+    size = _size(minimum)
+
+    def coerce(name: str, raw: object, source: str) -> int | None:
+        return None if raw is None else int(size(name, raw, source))  # type: ignore[call-overload]
+
+    return coerce
+
+
 def _optional_path(name: str, raw: object, source: str) -> Path | None:
     return None if raw is None else _path(name, raw, source)
 
@@ -337,6 +346,7 @@ class ServeConfig:
     max_connections: int = 1024
     max_pending_bytes: int = 64 << 20
     max_memory: int = 1 << 30
+    shm_reserve: int | None = None  # None: twice max_memory
     initial_capacity: int = 1024
     socket_mode: int = 0o600
     socket_group: str | None = None
@@ -359,6 +369,7 @@ class ServeConfig:
             "max_connections",
             "max_pending_bytes",
             "max_memory",
+            "shm_reserve",
             "compact_dead_ratio",
             "compact_min_bytes",
             "allow_uids",
@@ -401,6 +412,7 @@ _SIZE_OPTIONS = frozenset(
         "max_frame_bytes",
         "max_pending_bytes",
         "max_memory",
+        "shm_reserve",
         "segment_bytes",
         "compact_min_bytes",
     }
@@ -457,6 +469,14 @@ SERVE_OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "max_memory", _size(1),
         "Bytes of shared table; past it a put fails with CacheFull and nothing is logged." + _RELOAD, "SIZE",
+    ),
+    OptionSpec(
+        "shm_reserve", _optional_size(0),
+        "Address space each shared-table segment reserves for its data to grow in place, "
+        "without a rebuild that stops every write (sparse: no memory until used). Reader "
+        "processes map it too: under an address-space limit (ulimit -v) lower it; 0 turns "
+        "growth in place off. Applies to the next segment." + _RELOAD,
+        "SIZE", default_help="twice --max-memory",
     ),
     OptionSpec("initial_capacity", _integer(1, 1 << 40), "Expected number of keys (pre-sizes the index).", "N"),
     OptionSpec(

@@ -164,6 +164,41 @@ def test_status_reports_the_table_rebuilds_writes_waited_for(ws: Workspace) -> N
     assert b"last_table_rebuild" in human
 
 
+_UNDER_AS_LIMIT = """
+import json, resource, sys
+vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (768 << 20), vm + (768 << 20)))
+import walcache
+try:
+    c = walcache.Client(socket_path=sys.argv[1])
+    print(json.dumps({"value": c.get("k")}))
+except walcache.WalcacheError as exc:
+    print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+"""
+
+
+def test_a_reader_under_an_address_space_limit_is_told_about_the_reserve(ws: Workspace) -> None:
+    """Readers map the whole segment, reserve included (by default room for twice
+    --max-memory of data): a worker under ulimit -v gets TableUnavailable naming the
+    remedy, not a bare MemoryError, and --shm-reserve 0 lets it read."""
+    for reserve, readable in ((None, False), ("0", True)):
+        d = ws.daemon("--max-memory", "2G", *(("--shm-reserve", reserve) if reserve else ()), name=f"as{reserve}")
+        d.start()
+        try:
+            with d.client() as c:
+                c.put("k", "v")
+                assert (c.stats()["table"]["segment_bytes"] > 4 << 30) == (reserve is None)
+            r = subprocess.run([sys.executable, "-c", _UNDER_AS_LIMIT, str(d.socket_path)],
+                               capture_output=True, timeout=60)  # fmt: skip
+            out = json.loads(r.stdout)
+            if readable:
+                assert out == {"value": "v"}, r.stderr
+            else:
+                assert out["error"] == "TableUnavailable" and "--shm-reserve" in out["message"], out
+        finally:
+            d.terminate()
+
+
 def test_cli_serve_refuses_bad_config_naming_the_source(ws: Workspace) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "walcache", "serve", "--data-dir", str(ws.root / "d")],

@@ -422,6 +422,7 @@ class Daemon:
             mode=0o640 if gid is not None else 0o600,
             gid=gid,
             shmops=self.shmops,
+            data_reserve=cfg.shm_reserve,
         )
         self.snapshot_seqno = report.snapshot.seal_seqno if report.snapshot is not None else 0
         self.table.publish()
@@ -1500,6 +1501,7 @@ class Daemon:
                 )
             if self.cfg.max_memory != self.table.max_memory:
                 self.table.max_memory = self.cfg.max_memory
+            self.table.data_reserve = self.cfg.shm_reserve  # for the next segment it makes
         else:
             log.info("SIGHUP: configuration re-read, nothing reloadable changed")
         notify.ready(self._status_line())

@@ -758,8 +758,15 @@ reader_map(Reader *r, PyObject *arg)
     int err = errno;
     close(fd);
     if (addr == MAP_FAILED) {
-        errno = err;
-        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
+        /* Most likely ENOMEM under an address-space limit (ulimit -v): the segment
+         * reserves address space for twice --max-memory of data. TableUnavailable lets
+         * the client read through the daemon instead. */
+        PyErr_Format(TableUnavailable,
+                     "cannot map the shared table %S (%llu bytes of address space): %s; under an "
+                     "address-space limit (ulimit -v) raise it or give the daemon a smaller "
+                     "--shm-reserve (0: none)",
+                     arg, (unsigned long long)len, strerror(err));
+        return NULL;
     }
     geometry g;
     if (check_geometry((const uint8_t *)addr, len, &g) < 0) {

@@ -195,7 +195,14 @@ class ShmReader:
                 size = shm.size
                 if not HEADER_SIZE <= size <= MAX_SEGMENT_BYTES or size % 8:
                     raise TableUnavailable(f"shared table {name} has a bad size ({size} bytes)")
-                mm = mmap.mmap(shm.fd, size, prot=mmap.PROT_READ)
+                try:
+                    mm = mmap.mmap(shm.fd, size, prot=mmap.PROT_READ)
+                except OSError as exc:  # ENOMEM under an address-space limit (ulimit -v)
+                    raise TableUnavailable(
+                        f"cannot map the shared table {name} ({size} bytes of address space): "
+                        f"{exc.strerror or exc}; under an address-space limit (ulimit -v) raise it "
+                        "or give the daemon a smaller --shm-reserve (0: none)"
+                    ) from None
             finally:
                 shm.close_fd()
             try:

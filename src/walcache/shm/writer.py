@@ -19,14 +19,16 @@ rebuild pauses this thread (every write) for O(live data): 25 ms for 100,000 key
 100 B, 0.5 s for 150,000 keys of 4 KiB (bench/bench_rebuild.py); it never blocks a
 reader: readers keep the old, frozen mapping until they meet MOVED, then remap.
 
-Growing in place. With a memory limit (the daemon's --max-memory) a segment is
-created with a sparse reserve after its data area, up to twice the limit in all
-(ftruncate: address space, no memory). When the bump area runs out and a rebuild
-would only double it, the writer moves the area's end into the reserve instead
-(grow_in_place): the records stay put, readers already map the whole segment, and
-pages are committed as the bump pointer reaches them, as always. Only index growth,
-compaction (mostly dead chunks) and a spent reserve still rebuild; a table sized for
-its keys (--initial-capacity) with a memory limit does not rebuild as its data grows.
+Growing in place. A segment is created with a sparse reserve after its data area
+(ftruncate: address space, no memory), by default room for a data area of twice the
+memory limit (the daemon's --shm-reserve, --max-memory), at most the layout's 32 GiB.
+When the bump area runs out and a rebuild would only double it (and no more than a
+quarter of it is dead chunks, which a rebuild would compact), the writer moves the
+area's end into the reserve instead (grow_in_place): the records stay put, readers
+already map the whole segment, and pages are committed as the bump pointer reaches
+them, as always. Only index growth, compaction and a spent reserve still rebuild; a
+table sized for its keys (--initial-capacity) does not rebuild as its data grows.
+Readers pay in address space: each maps the whole segment, reserve included.
 
 Why not memcached-style geometric size classes: exact sizes waste at most 7 bytes per
 entry (target: <= 64 bytes of overhead per entry) and the compaction above already
@@ -237,12 +239,22 @@ class ShmTable:
     """The daemon's read-write view of the shared table; see the module docstring."""
 
     def __init__(
-        self, namespace: str, *, max_memory: int | None, mode: int, gid: int | None, shmops: ShmOps | None = None
+        self,
+        namespace: str,
+        *,
+        max_memory: int | None,
+        mode: int,
+        gid: int | None,
+        shmops: ShmOps | None = None,
+        data_reserve: int | None = None,
     ) -> None:
         # Use ShmTable.create(); this only sets the fields.
         self.namespace = namespace
         self._ops = shmops if shmops is not None else ShmOps()
         self.max_memory = max_memory
+        # Address space a new segment reserves for its data area (grow_in_place); None:
+        # twice max_memory; 0: none. Read when a segment is made, so it may change any time.
+        self.data_reserve = data_reserve
         self._mode = mode
         self._gid = gid
         self._incarnation = secrets.randbits(64)
@@ -279,6 +291,7 @@ class ShmTable:
         mode: int | None = None,
         gid: int | None = None,
         shmops: ShmOps | None = None,
+        data_reserve: int | None = None,
     ) -> ShmTable:
         """A fresh, unpublished table (a new incarnation): call publish() to make it current.
 
@@ -289,7 +302,7 @@ class ShmTable:
             mode = 0o640 if gid is not None else 0o600
         if len(data_name(namespace, 0, 1 << 30)) > MAX_NAME_BYTES:
             raise ValueError(f"namespace {namespace!r} is too long for a shared-memory name")
-        table = cls(namespace, max_memory=max_memory, mode=mode, gid=gid, shmops=shmops)
+        table = cls(namespace, max_memory=max_memory, mode=mode, gid=gid, shmops=shmops, data_reserve=data_reserve)
         slots = max(MIN_CAPACITY, _pow2_at_least(int(capacity / MAX_LOAD) + 1))
         table._seg = table._new_segment(slots, max(data_bytes, _PAGE), 0)
         return table
@@ -308,6 +321,7 @@ class ShmTable:
         gid: int | None = None,
         compiled: bool | None = None,
         shmops: ShmOps | None = None,
+        data_reserve: int | None = None,
     ) -> ShmTable:
         """A fresh, unpublished table holding exactly ``entries``, built in bulk (restart).
 
@@ -354,7 +368,7 @@ class ShmTable:
         slots = max(MIN_CAPACITY, _pow2_at_least(int(capacity / MAX_LOAD) + 1))
         while live + 1 > slots * MIN_LOAD:
             slots *= 2
-        table = cls(namespace, max_memory=max_memory, mode=mode, gid=gid, shmops=shmops)
+        table = cls(namespace, max_memory=max_memory, mode=mode, gid=gid, shmops=shmops, data_reserve=data_reserve)
         table._applied = max(applied_seqno, max_seqno)
         seg = table._new_segment(slots, max(2 * (words << 3), data_bytes, _PAGE), words << 3)
         try:
@@ -384,8 +398,9 @@ class ShmTable:
     def _new_segment(self, capacity: int, data_bytes: int, data_needed: int) -> _Segment:
         """A segment whose bump area has ``data_bytes`` in use and ``data_needed`` committed.
 
-        With a memory limit, the segment reserves (sparse, no memory) room for a data area
-        of twice ``max_memory``: the data can then grow without a rebuild, which stops
+        The segment reserves (sparse, no memory) room for a data area of ``data_reserve``
+        bytes, by default twice ``max_memory`` (none without a limit), at most what the
+        layout's 32 GiB allows: the data can then grow without a rebuild, which stops
         every write while it copies the table (see grow_in_place).
         """
         self._n += 1
@@ -398,8 +413,9 @@ class ShmTable:
                 f"{MAX_SEGMENT_BYTES}-byte limit of the layout; lower --max-memory"
             )
         in_use = size - data_off  # what the segment would hold without a reserve
-        if self.max_memory:
-            size = max(size, min(_round_up(data_off + 2 * self.max_memory, _PAGE), MAX_SEGMENT_BYTES // _PAGE * _PAGE))
+        reserve = self.data_reserve if self.data_reserve is not None else 2 * (self.max_memory or 0)
+        if reserve:
+            size = max(size, min(_round_up(data_off + reserve, _PAGE), MAX_SEGMENT_BYTES // _PAGE * _PAGE))
         fd, mm = self._create_shm(name, size)
         seg = _Segment(name, fd, mm, capacity, data_off, 0, self._ops, in_use)
         try:
@@ -865,6 +881,10 @@ class ShmTable:
         words = seg.data_words
         need = (self._live_words + extra_words) * 2  # _rebuild's rule for doubling
         if need <= words or seg.limit >= seg.end_words:
+            return False
+        # A rebuild would also have compacted: with much of the area dead (freed chunks
+        # no put took again), growing in place would keep that waste, so rebuild.
+        if (seg.top - seg.lo) - self._live_words > words // 4:
             return False
         while need > words:
             words *= 2
