@@ -2058,7 +2058,7 @@ build_fill(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
  * thread (the daemon's loop, which is in this call) and nobody maps the new one yet, so
  * plain loads and stores are enough; the GIL is released meanwhile (the buffers stay
  * exported, so neither mapping can be closed). A rebuild of 150,000 keys of 4 KiB took
- * 0.69-0.71 s with the Python loop and 0.50 s with this (bench/bench_rebuild.py), every write
+ * 0.67-0.71 s with the Python loop and 0.50 s with this (bench/bench_rebuild.py), every write
  * waiting behind it; the rest is committing the new segment and unmapping the old. */
 static PyObject *
 copy_live(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)

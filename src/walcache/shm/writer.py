@@ -15,7 +15,7 @@ rebuilds: a new segment, compacted (live entries copied back to back, tombstones
 expired entries dropped), the same size if the live data then fills at most half of
 it, else doubled. The index is rebuilt the same way when live + tombstone slots would
 pass MAX_LOAD of the capacity (doubling while live keys exceed MIN_LOAD of it). A
-rebuild pauses this thread (every write) for O(live data): 25 ms for 100,000 keys of
+rebuild pauses this thread (every write) for O(live data): 23 ms for 100,000 keys of
 100 B, 0.5 s for 150,000 keys of 4 KiB (bench/bench_rebuild.py); it never blocks a
 reader: readers keep the old, frozen mapping until they meet MOVED, then remap.
 
