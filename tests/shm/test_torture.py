@@ -48,11 +48,14 @@ def _churn(g: int, j: int) -> tuple[bytes, int]:
     return b"churn-%d-%d" % (g, j), HOT + g * WAVE + j
 
 
-def _writer(namespace: str, seed: int, ready: Any, stop: Any, wave: Any, out: Any, floors: Any) -> None:
+def _writer(
+    namespace: str, seed: int, ready: Any, stop: Any, wave: Any, out: Any, floors: Any, max_memory: int | None = None
+) -> None:
     # Waves of fresh keys leave tombstones behind (index rebuilds) and their drifting
     # sizes leave free chunks no later put fits (data-area compaction), all run long.
+    # With max_memory the data area also grows in place, under the readers' mappings.
     rng = random.Random(seed)
-    t = ShmTable.create(namespace, capacity=8, data_bytes=4096)  # tiny: it must grow under the readers
+    t = ShmTable.create(namespace, capacity=8, data_bytes=4096, max_memory=max_memory)  # tiny: it must grow
     version = [0] * HOT
     seqno = 0
     for i in range(HOT):
@@ -88,7 +91,8 @@ def _writer(namespace: str, seed: int, ready: Any, stop: Any, wave: Any, out: An
                         wave.value = g
             ops += 1
         segments.add(t.name)
-    out.put({"role": "writer", "ops": ops, "segments": len(segments), "waves": g})
+    out.put({"role": "writer", "ops": ops, "segments": len(segments), "waves": g,
+             "growths": t.stats()["growths_in_place"]})  # fmt: skip
     t.close()
 
 
@@ -173,6 +177,7 @@ def _torture(
     unsafe: bool,
     seed: int,
     reader: Callable[..., None] | None = None,
+    max_memory: int | None = None,
 ) -> Run:
     """One writer and two reader processes (``reader``: the process body, default the Python reader)."""
     reader = reader or _reader
@@ -182,7 +187,7 @@ def _torture(
     floors = _ctx.Array("q", HOT, lock=False)  # per hot key: the last version the writer finished
     out: Any = _ctx.Queue()
     run = Run(seed)
-    w = _ctx.Process(target=_writer, args=(namespace, seed, ready, stop, wave, out, floors), daemon=True)
+    w = _ctx.Process(target=_writer, args=(namespace, seed, ready, stop, wave, out, floors, max_memory), daemon=True)
     procs.append(w)
     w.start()
     assert ready.wait(30), f"writer did not publish ({run})"
@@ -230,6 +235,18 @@ def test_readers_never_see_a_torn_value(namespace: str, procs: list[BaseProcess]
     run = _torture(namespace, procs, DEFAULT_SECONDS, unsafe=False, seed=_seed())
     _check_clean(run)
     assert all(rd["segments_seen"] > 1 for rd in run.readers), f"a reader never remapped: {run}"
+
+
+def test_readers_never_see_a_torn_value_while_the_data_grows_in_place(
+    namespace: str, procs: list[BaseProcess]
+) -> None:
+    """The same torture with a memory limit: the writer's data area also grows in place
+    (the records stay, the readers keep their mapping), besides the index rebuilds and
+    compactions, and no read may tear or go back."""
+    run = _torture(namespace, procs, DEFAULT_SECONDS, unsafe=False, seed=_seed(), max_memory=64 << 20)
+    assert run.bad == 0, f"torn or wrong reads: {run}"
+    assert run.writer["growths"] >= 2, f"the data area never grew in place: {run}"
+    assert all(rd["reads"] > 1000 and rd["churn_hits"] > 0 for rd in run.readers), f"a reader barely ran: {run}"
 
 
 def test_without_the_seqlock_the_same_run_sees_tears(namespace: str, procs: list[BaseProcess]) -> None:

@@ -119,8 +119,10 @@ def _reader_c(
     r.close()
 
 
-def _torture_c(namespace: str, procs: list[BaseProcess], seconds: float, unsafe: bool, seed: int) -> Run:
-    return _torture(namespace, procs, seconds, unsafe, seed, reader=_reader_c)
+def _torture_c(
+    namespace: str, procs: list[BaseProcess], seconds: float, unsafe: bool, seed: int, max_memory: int | None = None
+) -> Run:
+    return _torture(namespace, procs, seconds, unsafe, seed, reader=_reader_c, max_memory=max_memory)
 
 
 def test_c_readers_never_see_a_torn_value(namespace: str, procs: list[BaseProcess]) -> None:
@@ -129,6 +131,15 @@ def test_c_readers_never_see_a_torn_value(namespace: str, procs: list[BaseProces
     assert all(rd["segments_seen"] > 1 for rd in run.readers), f"a reader never remapped: {run}"
     assert all(rd["batched"] > 0 and rd["remaps"] > 0 for rd in run.readers), f"get_many or remap not exercised: {run}"
     assert all(rd["cache_hits"] > 0 for rd in run.readers), f"the result cache was never used: {run}"
+
+
+def test_c_readers_never_see_a_torn_value_while_the_data_grows_in_place(
+    namespace: str, procs: list[BaseProcess]
+) -> None:
+    run = _torture_c(namespace, procs, DEFAULT_SECONDS, unsafe=False, seed=_seed(), max_memory=64 << 20)
+    assert run.bad == 0, f"torn or wrong reads: {run}"
+    assert run.writer["growths"] >= 2, f"the data area never grew in place: {run}"
+    assert all(rd["reads"] > 1000 and rd["churn_hits"] > 0 for rd in run.readers), f"a reader barely ran: {run}"
 
 
 def test_without_the_seqlock_the_c_readers_see_tears(namespace: str, procs: list[BaseProcess]) -> None:

@@ -277,6 +277,7 @@ class ShmTable:
         # Every write waits while the table rebuilds: how often and how long, for stats.
         self.rebuilds = 0
         self.last_rebuild: dict[str, Any] | None = None
+        self.growths_in_place = 0  # data-area growths that needed no rebuild
 
     # -- construction -------------------------------------------------------------------
 
@@ -739,6 +740,7 @@ class ShmTable:
             "applied_seqno": self._applied,
             "rebuilds": self.rebuilds,
             "last_rebuild": self.last_rebuild,
+            "growths_in_place": self.growths_in_place,
         }
 
     def close(self, unlink: bool = False) -> None:
@@ -889,6 +891,7 @@ class ShmTable:
         while need > words:
             words *= 2
         seg.limit = min(seg.end_words, seg.lo + words)
+        self.growths_in_place += 1
         log.info("shm table data area grown in place to %d bytes (no rebuild)", seg.data_words << 3)
         return seg.top + extra_words <= seg.limit
 
