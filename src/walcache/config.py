@@ -190,8 +190,8 @@ def _path(name: str, raw: object, source: str) -> Path:
 def _optional_size(minimum: int) -> Callable[[str, object, str], object]:
     size = _size(minimum)
 
-    def coerce(name: str, raw: object, source: str) -> int | None:
-        return None if raw is None else int(size(name, raw, source))  # type: ignore[call-overload]
+    def coerce(name: str, raw: object, source: str) -> object:
+        return None if raw is None else size(name, raw, source)
 
     return coerce
 

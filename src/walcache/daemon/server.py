@@ -227,26 +227,18 @@ class _Flusher(threading.Thread):
         if self.loop_waiting:
             os.write(self.wake_fd, what)
 
-    def _timed_sync(self) -> bool:
-        """--fsync interval: sync what is due; False once that failed (the loop is told)."""
-        try:
-            self.writer.sync_if_due()
-        except BaseException as exc:  # noqa: BLE001 - reported to the loop
-            self.done.append((exc, 0, 0, 0.0))
-            os.write(self.wake_fd, b"f")
-            return False
-        return True
-
     def run(self) -> None:
         jobs = self.jobs
         writer = self.writer
         while True:
-            if jobs and self.interval_s is not None and writer.sync_due_in() == 0.0:
-                # --fsync interval: appends never sync (sync_in_background), so a due sync
-                # comes first. Only seals and the stop reach this thread under interval
-                # today (the loop appends itself, see Daemon._dispatch); should groups ever
-                # be handed over, they must not starve the timed sync.
-                if not self._timed_sync():
+            if self.interval_s is not None and writer.sync_due_in() == 0.0:
+                # --fsync interval: appends never sync (sync_in_background); this thread
+                # makes every timed sync, before any job that waits.
+                try:
+                    writer.sync_if_due()
+                except BaseException as exc:  # noqa: BLE001 - reported to the loop
+                    self.done.append((exc, 0, 0, 0.0))
+                    os.write(self.wake_fd, b"f")
                     return
             if not jobs:
                 # --fsync interval: sleep until the unsynced writes are due, not a whole
@@ -257,12 +249,9 @@ class _Flusher(threading.Thread):
                 if self.interval_s is not None:
                     due_in = writer.sync_due_in()
                     timeout = self.interval_s if due_in is None else due_in
-                # A spurious wake-up (a release for a job already taken) only loops once more.
-                if self._bell.acquire(timeout=timeout):
-                    continue
-                # --fsync interval: no batch for a while, sync what was written.
-                if not self._timed_sync():
-                    return
+                # Woken by a job, or when the writes are due (the timed sync is above). A
+                # spurious wake-up (a release for a job already taken) only loops once more.
+                self._bell.acquire(timeout=timeout)
                 continue
             if type(jobs[0]) is bytes:
                 # Group commit: every record handed over while the previous group was

@@ -261,7 +261,8 @@ class WalWriter:
 
         With ``sync_in_background`` the fdatasync runs outside the lock: appends made
         meanwhile are not waited for and stay pending for the next sync (the records
-        written before it started become durable). A second caller while one sync is in flight returns without syncing.
+        written before it started become durable). A second caller while one sync is
+        in flight returns without syncing.
         """
         with self._lock:
             if self.failed or self.closed:
