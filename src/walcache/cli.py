@@ -168,6 +168,7 @@ def _status(stats: dict[str, Any]) -> dict[str, Any]:
         "keys", "connections", "fsync", "shm_bytes", "live_bytes", "log_bytes", "max_memory",
         "fsync_p50_us", "fsync_p99_us", "commit_p50_us", "commit_p99_us", "avg_batch",
         "last_seqno", "reader", "last_compaction", "table_rebuilds", "last_table_rebuild",
+        "table_index_moves", "last_table_index_move",
     ):
         status[name] = stats.get(name)
     return status

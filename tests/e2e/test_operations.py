@@ -151,17 +151,25 @@ def test_cli_reports_a_missing_daemon_with_exit_3(ws: Workspace) -> None:
     assert r.returncode == 3 and b"walcache serve" in r.stderr
 
 
-def test_status_reports_the_table_rebuilds_writes_waited_for(ws: Workspace) -> None:
-    d = ws.daemon("--initial-capacity", "16").start()
+@pytest.mark.parametrize("reserve", ["default", "0"])
+def test_status_reports_how_the_table_grew_and_what_writes_waited_for(ws: Workspace, reserve: str) -> None:
+    """The index outgrows --initial-capacity: by default it moves (O(slots), no record
+    copied); without a reserve the table rebuilds. Either way status says how often, and
+    how long the last one made writes wait."""
+    extra = [] if reserve == "default" else ["--shm-reserve", reserve]
+    d = ws.daemon("--initial-capacity", "16", *extra).start()
     with d.client() as c:
         for i in range(10):
             c.put_many({f"k{i}-{j}": "v" * 50 for j in range(40)})  # 400 keys: the index grows
+        assert all(c.get(f"k{i}-{j}") == "v" * 50 for i in range(10) for j in range(40))
     status = json.loads(cli("status", "--json", "--socket", str(d.socket_path)).stdout)
-    last = status["last_table_rebuild"]
-    assert status["table_rebuilds"] >= 1 and last["ms"] >= 0 and last["when"]
-    assert 0 < last["live_keys"] < 400 and last["slots"] >= 64
+    moves, rebuilds = ("table_index_moves", "last_table_index_move"), ("table_rebuilds", "last_table_rebuild")
+    (grew, last_name), (idle, idle_last) = (moves, rebuilds) if reserve == "default" else (rebuilds, moves)
+    last = status[last_name]
+    assert status[grew] >= 1 and status[idle] == 0 and status[idle_last] is None
+    assert last["ms"] >= 0 and last["when"] and 0 < last["live_keys"] < 400 and last["slots"] >= 64
     human = cli("status", "--socket", str(d.socket_path)).stdout
-    assert b"last_table_rebuild" in human
+    assert last_name.encode() in human
 
 
 _UNDER_AS_LIMIT = """

@@ -44,8 +44,8 @@ def _geometry_header(rng: random.Random, size: int, capacity: int) -> bytes:
     return layout.HEADER_STRUCT.pack(
         layout.DATA_MAGIC, layout.LAYOUT_VERSION, 1, rng.getrandbits(64), size, capacity,
         layout.HEADER_SIZE, data_off, rng.getrandbits(31) | 1 << 30, rng.getrandbits(40),
-        rng.getrandbits(1), rng.getrandbits(1), rng.getrandbits(40), rng.getrandbits(20),
-        rng.getrandbits(20), rng.getrandbits(30), rng.getrandbits(30),
+        rng.getrandbits(1), rng.getrandbits(1), layout.index_word(layout.HEADER_SIZE // 8, capacity),
+        rng.getrandbits(40), rng.getrandbits(20), rng.getrandbits(20), rng.getrandbits(30), rng.getrandbits(30),
     )  # fmt: skip
 
 
@@ -99,6 +99,13 @@ def test_reader_over_random_bytes_returns_or_raises_cleanly(namespace: str, seed
             i = rng.randrange(capacity)
             word = rng.choice([layout.EMPTY, layout.MOVED, layout.TOMBSTONE])
             body[layout.HEADER_SIZE + 8 * i : layout.HEADER_SIZE + 8 * i + 8] = word.to_bytes(8, sys.byteorder)
+    if variant >= 1 and seed % 8 >= 4:  # the index word names random bytes as a moved index
+        if seed % 16 >= 8:
+            word = rng.getrandbits(64)  # mostly invalid: refused cleanly
+        else:
+            cap = 1 << rng.randrange(3, 9)
+            word = layout.index_word(rng.randrange(layout.HEADER_SIZE // 8, size // 8 - cap + 1), cap)
+        body[8 * layout.H_INDEX : 8 * layout.H_INDEX + 8] = word.to_bytes(8, sys.byteorder)
     write_raw_table(namespace, bytes(body))
     try:
         _exercise(namespace)

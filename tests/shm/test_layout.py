@@ -14,7 +14,7 @@ def _word(buf: bytes, offset: int) -> int:
 
 
 def test_record_and_segment_sizes_are_pinned() -> None:
-    assert L.LAYOUT_VERSION == 2
+    assert L.LAYOUT_VERSION == 3
     assert (L.CTL_SIZE, L.HEADER_SIZE, L.SLOT_SIZE, L.REC_HEADER_SIZE) == (128, 256, 8, 32)
     assert L.CTL_STRUCT.size == L.CTL_SIZE
     assert L.HEADER_STRUCT.size == L.HEADER_SIZE
@@ -33,15 +33,15 @@ def test_control_segment_field_offsets() -> None:
 
 
 def test_data_header_field_offsets() -> None:
-    values = list(range(101, 112)) + list(range(201, 206))
+    values = list(range(101, 113)) + list(range(201, 206))
     raw = L.HEADER_STRUCT.pack(L.DATA_MAGIC, *values)
     assert raw[0:8] == L.DATA_MAGIC
-    offsets = [8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 128, 136, 144, 152, 160]
+    offsets = [8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 128, 136, 144, 152, 160]
     assert [_word(raw, off) for off in offsets] == values
-    assert raw[96:128] == bytes(32) and raw[168:256] == bytes(88)
+    assert raw[104:128] == bytes(24) and raw[168:256] == bytes(88)
     named = {
         L.H_GENERATION: 16, L.H_WRITER_PID: 64, L.H_WRITER_START_MS: 72, L.H_STALE: 80,
-        L.H_CLOSED: 88, L.H_HEARTBEAT: 128, L.H_LIVE: 136, L.H_TOMBSTONES: 144,
+        L.H_CLOSED: 88, L.H_INDEX: 96, L.H_HEARTBEAT: 128, L.H_LIVE: 136, L.H_TOMBSTONES: 144,
         L.H_USED_BYTES: 152, L.H_APPLIED_SEQNO: 160,
     }  # fmt: skip
     assert {w * 8 for w in named} == set(named.values())
@@ -92,3 +92,18 @@ def test_shm_modules_never_use_a_byte_by_byte_struct_order() -> None:
         text = path.read_text()
         assert not re.search(r"Struct\(\s*[\"'][>!]", text), path
         assert not re.search(r"struct\.(un)?pack(_from|_into)?\(\s*[\"'][>!]", text), path
+
+
+def test_index_word_round_trips_and_refuses_what_leaves_the_segment() -> None:
+    size = 1 << 20
+    for slot0, capacity in ((L.HEADER_SIZE // 8, 8), (1000, 1 << 10), (size // 8 - 64, 64)):
+        assert L.index_geometry(L.index_word(slot0, capacity), size) == (slot0, capacity)
+    refused = [
+        L.index_word(L.HEADER_SIZE // 8 - 1, 8),  # overlaps the header
+        L.index_word(size // 8 - 63, 64),  # one slot past the end
+        L.index_word(L.HEADER_SIZE // 8, 4),  # under MIN_CAPACITY
+        33 << 32 | L.HEADER_SIZE // 8,  # 2^33 slots: more words than a slot can point at
+        0,
+        L.MOVED,
+    ]
+    assert [L.index_geometry(w, size) for w in refused] == [None] * len(refused)

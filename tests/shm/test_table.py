@@ -718,3 +718,165 @@ def test_a_burst_then_drifting_churn_takes_no_more_room_with_a_memory_limit(name
     without = _burst_then_churn(namespace + "a", None)
     with_limit = _burst_then_churn(namespace + "b", 1 << 30)
     assert with_limit <= without, (with_limit, without)
+
+
+# ---------------------------------------------------------------- index moves
+
+
+def _moved_table(namespace: str, keys: int, **kw: Any) -> ShmTable:
+    t = ShmTable.create(namespace, capacity=8, data_bytes=1 << 20, max_memory=64 << 20, **kw)
+    t.publish()
+    return t
+
+
+def test_with_a_reserve_the_index_grows_by_moving_and_readers_follow_it(namespace: str) -> None:
+    """The index grows by moving to the top of the reserve (layout.py "Index moves"): no
+    record is copied, the segment stays, readers opened before every move find every key
+    (they meet MOVED in the old index, reread the index word, probe the new one), and
+    each old index is left all MOVED while the segment is not stale."""
+    t = _moved_table(namespace, 0)
+    readers = _readers(namespace)
+    try:
+        name = t.name
+        first = int(t.stats()["capacity"])
+        seen: list[tuple[int, int]] = []  # (slot0, capacity) of every index the table had
+        for i in range(5000):
+            put(t, i, b"v%d" % i, seqno=i + 1)
+            seg = t._seg
+            assert seg is not None
+            if not seen or seen[-1] != (seg.slot0, seg.capacity):
+                seen.append((seg.slot0, seg.capacity))
+                for r in readers:  # a get right after a move takes the new index
+                    assert r.lookup(i) == b"v%d" % i and r.lookup(0) == b"v0"
+        st = t.stats()
+        assert t.name == name and st["rebuilds"] == 0 and st["index_moves"] == len(seen) - 1 >= 3
+        assert st["capacity"] > first and st["last_index_move"]["slots"] == st["capacity"]
+        assert st["retired_index_bytes"] == 8 * sum(cap for _, cap in seen[:-1])
+        seg = t._seg
+        assert seg is not None
+        # Each index lies below the previous one, above the data area; all but the last are MOVED.
+        assert seen[0][0] == layout.HEADER_SIZE // 8
+        for (s_prev, _), (s_next, cap) in zip(seen[1:], seen[2:]):
+            assert s_next + cap <= s_prev
+        assert seen[-1][0] >= seg.limit >= seg.top
+        for slot0, cap in seen[:-1]:
+            assert set(seg.q[slot0 : slot0 + cap].tolist()) == {layout.MOVED}
+        assert seg.q[layout.H_INDEX] == layout.index_word(seg.slot0, seg.capacity)
+        for r in readers:
+            hdr = r.header()
+            assert hdr["name"] == name and hdr["stale"] == 0 and hdr["capacity"] == st["capacity"]
+            assert all(r.lookup(i) == b"v%d" % i for i in range(5000))
+            assert sorted(k for k, *_ in r.iter_entries()) == sorted(encode_key(i) for i in range(5000))
+    finally:
+        for r in readers:
+            r.close()
+        t.close(unlink=True)
+
+
+def test_a_reader_that_slept_through_several_moves_catches_up(namespace: str) -> None:
+    t = _moved_table(namespace, 0)
+    put(t, "early", "e")
+    readers = _readers(namespace)
+    try:
+        for i in range(3000):
+            put(t, i, i, seqno=i + 2)
+        assert t.index_moves >= 2
+        for r in readers:
+            assert r.lookup("early") == "e" and r.lookup(2999) == 2999 and r.lookup("absent") is None
+    finally:
+        for r in readers:
+            r.close()
+        t.close(unlink=True)
+
+
+def test_without_a_reserve_the_index_grows_by_rebuilding(namespace: str) -> None:
+    t = ShmTable.create(namespace, capacity=8, data_bytes=1 << 20, max_memory=64 << 20, data_reserve=0)
+    t.publish()
+    try:
+        for i in range(500):
+            put(t, i, i, seqno=i + 1)
+        st = t.stats()
+        assert st["index_moves"] == 0 and st["rebuilds"] >= 2 and st["capacity"] >= 500 / MAX_LOAD
+    finally:
+        t.close(unlink=True)
+
+
+def test_tombstones_clear_by_moves_until_retired_indexes_are_worth_a_rebuild(namespace: str) -> None:
+    """Deletes fill the index with tombstones: a move of the same size clears them. Each
+    retired index stays (a reader may still probe it) and counts as waste, so after a few
+    a rebuild reclaims them all instead of the reserve filling with dead indexes."""
+    t = ShmTable.create(namespace, capacity=3000, data_bytes=1 << 20, max_memory=64 << 20)
+    t.publish()
+    r = ShmReader(namespace)
+    try:
+        seqno = 0
+        for rnd in range(40):
+            for i in range(1000):
+                seqno += 1
+                put(t, f"{rnd}-{i}", b"x" * 40, seqno=seqno)  # same size: chunks are reused
+            for i in range(1000):
+                seqno += 1
+                t.delete(encode_key(f"{rnd}-{i}"), seqno)
+            put(t, "keep", rnd, seqno=seqno + 1)
+            seqno += 1
+            assert r.lookup("keep") == rnd
+        st = t.stats()
+        assert st["index_moves"] >= 2 and st["rebuilds"] >= 1, {k: st[k] for k in ("index_moves", "rebuilds", "capacity", "data_bytes")}
+        seg = t._seg
+        assert seg is not None
+        assert seg.retired_index_words <= seg.data_words // 4 + seg.capacity
+    finally:
+        r.close()
+        t.close(unlink=True)
+
+
+def test_a_full_dev_shm_refuses_an_index_move_whole(namespace: str) -> None:
+    """The new index's pages are claimed before anything changes: a full /dev/shm fails the
+    reserve with CacheFull and leaves the index, the keys and the readers as they were."""
+    ops = writer_mod.FaultyShmOps(limit=1 << 60)
+    t = ShmTable.create(namespace, capacity=8, data_bytes=1 << 20, max_memory=64 << 20, shmops=ops)
+    t.publish()
+    r = ShmReader(namespace)
+    try:
+        n = 0
+        while t._live + t._tombstones + 1 <= int(t.stats()["capacity"]) * MAX_LOAD:
+            put(t, n, n, seqno=n + 1)
+            n += 1
+        before = (t._seg.slot0, t._seg.capacity) if t._seg else None
+        ops.limit = ops.claimed  # nothing more can be claimed
+        with pytest.raises(CacheFull, match="larger index"):
+            t.reserve(1, 8)
+        assert t._seg is not None and (t._seg.slot0, t._seg.capacity) == before and t.index_moves == 0
+        assert all(r.lookup(i) == i for i in range(n))
+        ops.limit = 1 << 60
+        t.reserve(1, 8)
+        put(t, n, n, seqno=n + 1)
+        assert t.index_moves == 1 and all(r.lookup(i) == i for i in range(n + 1))
+    finally:
+        r.close()
+        t.close(unlink=True)
+
+
+def test_publishing_retires_a_previous_table_whose_index_moved(namespace: str) -> None:
+    """A restart retires the previous daemon's segment by its CURRENT index (the header's
+    index word), so readers still on it see MOVED there and move to the new table."""
+    old = _moved_table(namespace, 0)
+    for i in range(1000):
+        put(old, i, "old", seqno=i + 1)
+    assert old.index_moves >= 1
+    r = ShmReader(namespace)
+    assert r.lookup(5) == "old"
+    seg = old._seg
+    assert seg is not None
+    slot0, cap = seg.slot0, seg.capacity
+    new = ShmTable.create(namespace, capacity=16)
+    put(new, 5, "new")
+    new.publish()
+    try:
+        assert seg.q[layout.H_STALE] == 1
+        assert set(seg.q[slot0 : slot0 + cap].tolist()) == {layout.MOVED}
+        assert r.lookup(5) == "new"
+    finally:
+        r.close()
+        new.close(unlink=True)
+        old.close(unlink=True)

@@ -240,15 +240,21 @@ OPS = st.lists(
 )
 
 
-def copies_both(ops: list[tuple[str, int, int, int]], grow: int) -> tuple[bytes, bytes, tuple[int, int, int]]:
+def copies_both(
+    ops: list[tuple[str, int, int, int]], grow: int, moved: bool = False
+) -> tuple[bytes, bytes, tuple[int, int, int]]:
     """Apply ``ops`` to a small table, then copy its live records into two new segments,
     once with the compiled copy_live and once with the pure-Python loop: both segments
-    (volatile header words zeroed) and the counters each left."""
+    (volatile header words zeroed) and the counters each left. ``moved``: the table
+    starts tiny with a reserve, so its index has moved (to the reserve) before the copy."""
     ns = unique_namespace("cl")
     out: list[bytes] = []
     counters = []
     try:
-        t = ShmTable.create(ns, capacity=64, data_bytes=1 << 16)
+        if moved:
+            t = ShmTable.create(ns, capacity=4, data_bytes=1 << 16, max_memory=1 << 22)
+        else:
+            t = ShmTable.create(ns, capacity=64, data_bytes=1 << 16)
         try:
             for seqno, (op, kid, vlen, expiry) in enumerate(ops, 1):
                 key = encode_key(f"key-{kid}")
@@ -278,9 +284,11 @@ def copies_both(ops: list[tuple[str, int, int, int]], grow: int) -> tuple[bytes,
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=OPS, grow=st.sampled_from([1, 2, 4]))
-def test_compiled_and_pure_python_rebuild_copies_are_byte_identical(ops: list[tuple[str, int, int, int]], grow: int) -> None:
-    c_bytes, py_bytes, (live, tombstones, _words) = copies_both(ops, grow)
+@given(ops=OPS, grow=st.sampled_from([1, 2, 4]), moved=st.booleans())
+def test_compiled_and_pure_python_rebuild_copies_are_byte_identical(
+    ops: list[tuple[str, int, int, int]], grow: int, moved: bool
+) -> None:
+    c_bytes, py_bytes, (live, tombstones, _words) = copies_both(ops, grow, moved)
     assert tombstones == 0
     if c_bytes != py_bytes:
         first = next(i for i in range(min(len(c_bytes), len(py_bytes))) if c_bytes[i] != py_bytes[i])
@@ -306,15 +314,100 @@ def test_a_rebuild_copy_keeps_what_is_live_and_drops_what_is_not() -> None:
 def test_copy_live_refuses_a_bad_geometry_and_a_new_segment_too_small() -> None:
     assert extension is not None
     old = bytearray(layout.HEADER_SIZE + 8 * 8 + 64 * 8)
-    with pytest.raises(ValueError, match="bad geometry"):
-        extension.copy_live(old, bytearray(len(old)), 8, 12, layout.HEADER_SIZE // 8 + 8, 0)
+    h0, lo = layout.HEADER_SIZE // 8, layout.HEADER_SIZE // 8 + 8
+    for bad in (
+        (h0, 8, lo, 12, lo, 0),  # new capacity not a power of two
+        (h0 - 1, 8, lo, 8, lo, 0),  # old index over the header
+        (len(old) // 8 - 7, 8, lo, 8, lo, 0),  # old index one slot past the end
+        (h0, 8, h0 - 1, 8, lo, 0),  # data area starting in the header
+        (h0, 8, lo, 8, len(old) // 8 + 1, 0),  # new top past the new segment
+    ):
+        with pytest.raises(ValueError, match="bad geometry"):
+            extension.copy_live(old, bytearray(len(old)), *bad)
     q = memoryview(old).cast("Q")
-    lo = layout.HEADER_SIZE // 8 + 8
     q[lo + layout.R_LENS] = 3 << 32 | 100  # a 3-byte key and 100-byte value: 17 words
     old[8 * lo + 32 : 8 * lo + 35] = b"abc"
     q[layout.HEADER_SIZE // 8] = lo
     with pytest.raises(RuntimeError, match="too small"):
-        extension.copy_live(old, bytearray(8 * (lo + 10)), 8, 8, lo, 0)
+        extension.copy_live(old, bytearray(8 * (lo + 10)), h0, 8, lo, 8, lo, 0)
     q[lo + layout.R_LENS] = 3 << 32 | 10_000  # runs past the end of the old segment
     with pytest.raises(RuntimeError, match="past the end"):
-        extension.copy_live(old, bytearray(len(old) * 40), 8, 8, lo, 0)
+        extension.copy_live(old, bytearray(len(old) * 40), h0, 8, lo, 8, lo, 0)
+
+
+# ---------------------------------------------------------------- index move (fill_index)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=OPS, grow=st.sampled_from([1, 2, 4, 8]))
+def test_compiled_and_pure_python_index_fills_are_identical(ops: list[tuple[str, int, int, int]], grow: int) -> None:
+    """Step M1 of an index move, both ways, into two regions of the same segment's reserve:
+    the same slots, in the same places, and exactly one per live slot of the old index."""
+    from walcache.shm.writer import _fill_index
+
+    ns = unique_namespace("fi")
+    try:
+        t = ShmTable.create(ns, capacity=64, data_bytes=1 << 16, max_memory=1 << 22)
+        try:
+            for seqno, (op, kid, vlen, expiry) in enumerate(ops, 1):
+                key = encode_key(f"key-{kid}")
+                if op == "put":
+                    t.put(key, 1, bytes([kid]) * vlen, seqno, expiry)
+                else:
+                    t.delete(key, seqno)
+            seg = t._seg
+            assert seg is not None
+            cap = seg.capacity * grow
+            a, b = seg.end_words - cap, seg.end_words - 2 * cap
+            placed = [_fill_index(seg, a, cap, compiled=True), _fill_index(seg, b, cap, compiled=False)]
+            old = seg.slots.tolist()
+            live = [x for x in old if x not in (layout.EMPTY, layout.TOMBSTONE)]
+            assert placed == [len(live)] * 2
+            ca, cb = seg.q[a : a + cap].tolist(), seg.q[b : b + cap].tolist()
+            assert ca == cb
+            assert sorted(x for x in ca if x) == sorted(live)
+            for i, x in enumerate(ca):  # every slot is reachable from its key's home slot
+                if x:
+                    w = x & layout.LOC_MASK
+                    klen = seg.q[w + layout.R_LENS] >> 32
+                    j = layout.hash_key(bytes(seg.mm[8 * w + 32 : 8 * w + 32 + klen])) & (cap - 1)
+                    while j != i:
+                        assert ca[j] != 0, "a probe from the key's home slot stops before its slot"
+                        j = (j + 1) & (cap - 1)
+        finally:
+            t.close(unlink=True)
+    finally:
+        unlink_all(ns)
+
+
+def test_fill_index_refuses_a_bad_geometry_and_a_bad_slot() -> None:
+    assert extension is not None
+    h0 = layout.HEADER_SIZE // 8
+    buf = bytearray(8 * (h0 + 8 + 64 + 32))
+    top = len(buf) // 8
+    lo = h0 + 8
+    for bad in (
+        (h0, 8, top - 16, 12, lo),  # new capacity not a power of two
+        (h0, 8, top - 7, 8, lo),  # new index one slot past the end
+        (h0 - 1, 8, top - 8, 8, lo),  # old index over the header
+        (h0, 8, h0 + 4, 8, lo),  # new index overlapping the old one
+        (h0, 8, top - 8, 8, h0 - 1),  # data area starting in the header
+    ):
+        with pytest.raises(ValueError, match="bad geometry"):
+            extension.fill_index(buf, *bad)
+    with pytest.raises(BufferError):
+        extension.fill_index(bytes(buf), h0, 8, top - 8, 8, lo)
+    q = memoryview(buf).cast("Q")
+    q[h0] = 1 << 32 | (h0 + 2)  # a live slot pointing into the old index: below the data area
+    with pytest.raises(RuntimeError, match="outside"):
+        extension.fill_index(buf, h0, 8, top - 8, 8, lo)
+    q[h0] = 1 << 32 | lo
+    q[lo + layout.R_LENS] = 60_000 << 32  # a key running past the end
+    with pytest.raises(RuntimeError, match="past the end"):
+        extension.fill_index(buf, h0, 8, top - 8, 8, lo)
+    q[lo + layout.R_LENS] = 3 << 32
+    for i in range(1, 8):  # 8 live slots cannot fit an index of 8 (one must stay EMPTY)
+        q[h0 + i] = 1 << 32 | lo
+    with pytest.raises(RuntimeError, match="too small"):
+        extension.fill_index(buf, h0, 8, top - 8, 8, lo)
+    q.release()

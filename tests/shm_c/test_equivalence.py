@@ -146,7 +146,8 @@ def garbage_table(seed: int) -> bytes:
     body = bytearray(rng.randbytes(size))
     layout.HEADER_STRUCT.pack_into(
         body, 0, layout.DATA_MAGIC, layout.LAYOUT_VERSION, 1, 1, size, capacity, layout.HEADER_SIZE,
-        data_off, 0, 0, rng.choice([0, 0, 0, 1]), 0, 0, rng.getrandbits(20), 0, 0, 0,
+        data_off, 0, 0, rng.choice([0, 0, 0, 1]), 0, layout.index_word(layout.HEADER_SIZE // 8, capacity),
+        0, rng.getrandbits(20), 0, 0, 0,
     )  # fmt: skip
     lo, words = data_off // 8, size // 8
     # Records of KEYS (or of random keys): even seqs mostly (an odd one costs a bounded

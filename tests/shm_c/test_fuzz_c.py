@@ -92,7 +92,18 @@ def random_header_segment(seed: int) -> bytes:
     size = len(body)
     q = [int.from_bytes(body[8 * i : 8 * i + 8], sys.byteorder) for i in range(8)]
     capacity, data_off = q[5], q[7]
+    log2 = capacity.bit_length() - 1
     choices = {
+        # The index word: moved anywhere in the segment, to its very end, one past it,
+        # a capacity below the minimum or past 2^32, or random.
+        layout.H_INDEX: [
+            layout.index_word(rng.randrange(layout.HEADER_SIZE // 8, size // 8 - capacity + 1), capacity),
+            layout.index_word(size // 8 - capacity, capacity),
+            layout.index_word(size // 8 - capacity + 1, capacity),
+            2 << 32 | layout.HEADER_SIZE // 8, 33 << 32 | layout.HEADER_SIZE // 8,
+            (log2 + 1) << 32 | layout.HEADER_SIZE // 8, layout.HEADER_SIZE // 8 - 1 | log2 << 32,
+            rng.getrandbits(64), 0,
+        ],
         4: [size, size - 8, size + 8, size // 2, rng.getrandbits(64), 0],
         5: [capacity, capacity * 2, capacity // 2, capacity + 1, 1 << 40, 0, rng.getrandbits(64)],
         6: [layout.HEADER_SIZE, layout.HEADER_SIZE + 8, 0],

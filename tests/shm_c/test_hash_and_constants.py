@@ -106,5 +106,6 @@ def test_header_and_record_word_indices_are_the_layouts() -> None:
     assert 8 * extension.H_INDEX_OFF == offset["index_off"]
     assert 8 * extension.H_DATA_OFF == offset["data_off"]
     assert extension.H_STALE == layout.H_STALE
+    assert extension.H_INDEX == layout.H_INDEX == 12  # byte 96, in the half that rarely changes
     rec = (layout.R_SEQ, layout.R_LENS, layout.R_EXPIRY_VFLAG, layout.R_SEQNO)
     assert (extension.R_SEQ, extension.R_LENS, extension.R_EXPIRY_VFLAG, extension.R_SEQNO) == rec

@@ -1447,6 +1447,9 @@ class Daemon:
             # Writes waited while the table grew (counted since this daemon started).
             "table_rebuilds": table["rebuilds"],
             "last_table_rebuild": table["last_rebuild"],
+            # Index growths that moved the index instead (O(slots), the records stay).
+            "table_index_moves": table["index_moves"],
+            "last_table_index_move": table["last_index_move"],
             "max_memory": self.cfg.max_memory,
             "table": table,
         }

@@ -65,7 +65,7 @@
 /* Only the tests define this: a build for another layout must be refused at import. */
 #define LAYOUT_VERSION WALCACHE_TEST_LAYOUT_VERSION
 #else
-#define LAYOUT_VERSION 2
+#define LAYOUT_VERSION 3
 #endif
 #define HEADER_SIZE 256
 #define SLOT_SIZE 8
@@ -90,6 +90,7 @@
 #define H_INDEX_OFF 6
 #define H_DATA_OFF 7
 #define H_STALE 10
+#define H_INDEX 12 /* the current index: log2(capacity) << 32 | slot0 */
 /* record word offsets */
 #define R_SEQ 0
 #define R_LENS 1
@@ -670,6 +671,8 @@ check_geometry(const uint8_t *base, uint64_t len, geometry *g)
     uint64_t capacity = load_relaxed(&Q[H_CAPACITY]);
     uint64_t index_off = load_relaxed(&Q[H_INDEX_OFF]);
     uint64_t data_off = load_relaxed(&Q[H_DATA_OFF]);
+    /* One load: an index move (layout.py "Index moves") rewrites this word alone. */
+    uint64_t index = load_acquire(&Q[H_INDEX]);
     if (memcmp(&w0, DATA_MAGIC, 8) != 0 || version != LAYOUT_VERSION) {
         table_error("magic or layout version", w0, version);
         return -1;
@@ -687,9 +690,15 @@ check_geometry(const uint8_t *base, uint64_t len, geometry *g)
         table_error("index offset, data offset", index_off, data_off);
         return -1;
     }
+    /* The current index: as layout.index_geometry checks it. */
+    uint64_t log2 = index >> 32, slot0 = index & LOC_MASK;
+    if (log2 < 3 || log2 > 32 || slot0 < HEADER_SIZE / 8 || slot0 + (UINT64_C(1) << log2) > seg_bytes / 8) {
+        table_error("index word, segment bytes", index, seg_bytes);
+        return -1;
+    }
     g->seg_bytes = seg_bytes;
-    g->mask = capacity - 1;
-    g->slot0 = index_off / 8;
+    g->mask = (UINT64_C(1) << log2) - 1;
+    g->slot0 = slot0;
     g->lo = data_off / 8;
     /* w + 4 <= segment_bytes / 8, i.e. the whole record header is inside the segment */
     g->span = seg_bytes / 8 - REC_HEADER_WORDS + 1 - g->lo;
@@ -1685,6 +1694,8 @@ reader_get_u64(Reader *r, void *closure)
         return PyLong_FromUnsignedLongLong(r->seg_bytes);
     case 2:
         return PyLong_FromUnsignedLongLong(r->generation);
+    case 4:
+        return PyLong_FromUnsignedLongLong(r->slot0);
     default:
         return PyLong_FromUnsignedLongLong(load_relaxed(&r->Q[H_STALE]));
     }
@@ -1696,6 +1707,7 @@ static PyGetSetDef reader_getset[] = {
     {"_segment_bytes", (getter)reader_get_u64, NULL, "bytes of the attached segment", (void *)1},
     {"_generation", (getter)reader_get_u64, NULL, "generation of the attached segment", (void *)2},
     {"_stale", (getter)reader_get_u64, NULL, "the attached segment's stale flag, now", (void *)3},
+    {"_slot0", (getter)reader_get_u64, NULL, "word index of slot 0 of the index this reader follows", (void *)4},
     {NULL},
 };
 
@@ -2050,8 +2062,8 @@ build_fill(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 
 /* Growing or compacting the table (writer.py ShmTable._copy_live): copy every live,
  * unexpired record of the current segment into a new, unpublished one. The pure-Python
- * _copy_live is the reference; this does the same, byte for byte: walk the old index in
- * slot order, skip EMPTY and TOMBSTONE slots and records whose expiry has passed, copy
+ * _copy_live is the reference; this does the same, byte for byte: walk the old index
+ * (old_capacity slots at word old_slot0: it may have moved) in slot order, skip EMPTY and TOMBSTONE slots and records whose expiry has passed, copy
  * each chunk whole (header, key, value, padding) to the new bump pointer with its seq
  * word set to 0, and place its slot by linear probing from XXH64(key) & (new capacity - 1)
  * with the fingerprint of the old slot. The old segment is only written by the caller's
@@ -2063,18 +2075,19 @@ build_fill(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 copy_live(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "copy_live(old, new, old_capacity, new_capacity, new_top, now_ms)");
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError,
+                        "copy_live(old, new, old_slot0, old_capacity, old_lo, new_capacity, new_top, now_ms)");
         return NULL;
     }
-    unsigned long long u[4];
-    for (int j = 0; j < 4; j++) {
+    unsigned long long u[6];
+    for (int j = 0; j < 6; j++) {
         u[j] = PyLong_AsUnsignedLongLong(args[2 + j]);
         if (u[j] == (unsigned long long)-1 && PyErr_Occurred())
             return NULL;
     }
-    const uint64_t ocap = u[0], ncap = u[1], now = u[3];
-    uint64_t top = u[2];
+    const uint64_t oslot0 = u[0], ocap = u[1], olo = u[2], ncap = u[3], now = u[5];
+    uint64_t top = u[4];
     Py_buffer ov, nv;
     if (PyObject_GetBuffer(args[0], &ov, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -2084,15 +2097,17 @@ copy_live(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     }
     const uint64_t olen = (uint64_t)ov.len / 8, nlen = (uint64_t)nv.len / 8;
     if (ocap < MIN_CAPACITY || (ocap & (ocap - 1)) || ncap < MIN_CAPACITY || (ncap & (ncap - 1)) ||
-        HEADER_SIZE / 8 + ocap > olen || HEADER_SIZE / 8 + ncap > top || top > nlen ||
-        ((uintptr_t)ov.buf & 7) || ((uintptr_t)nv.buf & 7)) {
+        oslot0 < HEADER_SIZE / 8 || ocap > olen || oslot0 > olen - ocap || olo < HEADER_SIZE / 8 ||
+        HEADER_SIZE / 8 + ncap > top || top > nlen || ((uintptr_t)ov.buf & 7) || ((uintptr_t)nv.buf & 7)) {
         PyBuffer_Release(&ov);
         PyBuffer_Release(&nv);
-        PyErr_Format(PyExc_ValueError, "bad geometry: capacities %llu -> %llu, new top %llu, buffers of %llu and %llu bytes",
-                     u[0], u[1], u[2], (unsigned long long)ov.len, (unsigned long long)nv.len);
+        PyErr_Format(PyExc_ValueError,
+                     "bad geometry: old index %llu slots at word %llu, capacities -> %llu, new top %llu, "
+                     "buffers of %llu and %llu bytes",
+                     u[1], u[0], u[3], u[4], (unsigned long long)ov.len, (unsigned long long)nv.len);
         return NULL;
     }
-    const uint64_t *OQ = (const uint64_t *)ov.buf, *OS = OQ + HEADER_SIZE / 8;
+    const uint64_t *OQ = (const uint64_t *)ov.buf, *OS = OQ + oslot0;
     uint64_t *NQ = (uint64_t *)nv.buf, *NS = NQ + HEADER_SIZE / 8;
     const uint64_t nmask = ncap - 1;
     uint64_t live = 0, live_words = 0;
@@ -2103,7 +2118,7 @@ copy_live(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         if (x == SLOT_EMPTY || x == SLOT_TOMBSTONE)
             continue;
         uint64_t w = x & LOC_MASK;
-        if (w < HEADER_SIZE / 8 + ocap || w + REC_HEADER_WORDS > olen) {
+        if (w < olo || w + REC_HEADER_WORDS > olen) {
             bad = "a slot points outside the old segment's data area";
             break;
         }
@@ -2140,11 +2155,89 @@ copy_live(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(KKK)", (unsigned long long)live, (unsigned long long)live_words, (unsigned long long)top);
 }
 
-/* Retiring a segment (writer.py _mark_moved): MOVED into every slot of ``buf`` (the index
- * of a segment that is no longer current), one aligned 8-byte atomic store each, never a
- * bulk memset (vector stores are not promised atomic per 8 bytes, and a reader may be
- * loading any slot). The release fence orders the writer's earlier stores (the header's
- * stale flag) before the first MOVED on any architecture; the GIL is released meanwhile
+/* Moving the index (writer.py _fill_index, step M1 of layout.py "Index moves"): a slot
+ * in the new index (new_capacity words at new_slot0, zeroed here, read by nobody yet)
+ * for every live slot of the old one, placed by linear probing from XXH64(key) &
+ * (new_capacity - 1), in old slot order. The pure-Python _fill_index is the reference;
+ * this is slot for slot the same. The caller's thread is the segment's only writer and
+ * is in this call, so plain loads and stores suffice; the GIL is released meanwhile.
+ * Returns the number of slots placed. */
+static PyObject *
+fill_index(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "fill_index(buf, old_slot0, old_capacity, new_slot0, new_capacity, lo)");
+        return NULL;
+    }
+    unsigned long long u[5];
+    for (int j = 0; j < 5; j++) {
+        u[j] = PyLong_AsUnsignedLongLong(args[1 + j]);
+        if (u[j] == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    const uint64_t oslot0 = u[0], ocap = u[1], nslot0 = u[2], ncap = u[3], lo = u[4];
+    Py_buffer v;
+    if (PyObject_GetBuffer(args[0], &v, PyBUF_WRITABLE) < 0)
+        return NULL;
+    const uint64_t len = (uint64_t)v.len / 8;
+    if (ocap < MIN_CAPACITY || (ocap & (ocap - 1)) || ncap < MIN_CAPACITY || (ncap & (ncap - 1)) ||
+        oslot0 < HEADER_SIZE / 8 || ocap > len || oslot0 > len - ocap || nslot0 < HEADER_SIZE / 8 ||
+        ncap > len || nslot0 > len - ncap || (nslot0 < oslot0 + ocap && oslot0 < nslot0 + ncap) ||
+        lo < HEADER_SIZE / 8 || ((uintptr_t)v.buf & 7)) {
+        PyBuffer_Release(&v);
+        PyErr_Format(PyExc_ValueError,
+                     "bad geometry: index of %llu slots at word %llu -> %llu slots at word %llu, "
+                     "data from word %llu, buffer of %llu bytes",
+                     u[1], u[0], u[3], u[2], u[4], (unsigned long long)v.len);
+        return NULL;
+    }
+    uint64_t *Q = (uint64_t *)v.buf;
+    const uint64_t *OS = Q + oslot0;
+    uint64_t *NS = Q + nslot0;
+    const uint64_t nmask = ncap - 1;
+    uint64_t placed = 0;
+    const char *bad = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    memset(NS, 0, (size_t)ncap * SLOT_SIZE);
+    for (uint64_t i = 0; i < ocap; i++) {
+        uint64_t x = OS[i];
+        if (x == SLOT_EMPTY || x == SLOT_TOMBSTONE)
+            continue;
+        uint64_t w = x & LOC_MASK;
+        if (w < lo || w + REC_HEADER_WORDS > len) {
+            bad = "a slot points outside the segment's data area";
+            break;
+        }
+        uint64_t klen = Q[w + R_LENS] >> 32;
+        if (klen > (len - w - REC_HEADER_WORDS) * 8) {
+            bad = "a record's key runs past the end of the segment";
+            break;
+        }
+        if (placed + 1 >= ncap) {
+            bad = "the new index is too small for the live slots";
+            break;
+        }
+        uint64_t j = xxh64((const uint8_t *)(Q + w + REC_HEADER_WORDS), (size_t)klen, 0) & nmask;
+        while (NS[j] != SLOT_EMPTY)
+            j = (j + 1) & nmask;
+        NS[j] = x;
+        placed++;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&v);
+    if (bad != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, bad);
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(placed);
+}
+
+/* Retiring an index (writer.py _store_moved): MOVED into every slot of ``buf`` (an index
+ * that is no longer current: its segment is stale, or the index moved), one aligned
+ * 8-byte atomic store each, never a bulk memset (vector stores are not promised atomic
+ * per 8 bytes, and a reader may be loading any slot). The release fence orders the
+ * writer's earlier stores (the header's stale flag or index word, and a moved index's
+ * slots) before the first MOVED on any architecture; the GIL is released meanwhile
  * (a 4M-slot index takes a few ms here, ~0.3 s in pure Python). */
 static PyObject *
 mark_moved(PyObject *mod, PyObject *buf)
@@ -2179,10 +2272,13 @@ static PyMethodDef module_methods[] = {
      "build_fill(buf, entries, capacity, data_off, data_words, now_ms) -> (live, data_words, max_seqno): "
      "write the records and the index of an unpublished segment (ShmTable.build)"},
     {"copy_live", (PyCFunction)(void (*)(void))copy_live, METH_FASTCALL,
-     "copy_live(old, new, old_capacity, new_capacity, new_top, now_ms) -> (live, live_words, top): "
+     "copy_live(old, new, old_slot0, old_capacity, old_lo, new_capacity, new_top, now_ms) -> (live, live_words, top): "
      "copy the live records of a segment into a new, unpublished one (ShmTable._copy_live)"},
     {"mark_moved", (PyCFunction)mark_moved, METH_O,
-     "mark_moved(slots): MOVED into every 8-byte slot of a retired segment's index, one atomic store each"},
+     "mark_moved(slots): MOVED into every 8-byte slot of a retired index, one atomic store each"},
+    {"fill_index", (PyCFunction)(void (*)(void))fill_index, METH_FASTCALL,
+     "fill_index(buf, old_slot0, old_capacity, new_slot0, new_capacity, lo) -> placed: "
+     "the slots of a moved index (ShmTable._move_index, step M1)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2245,6 +2341,7 @@ PyInit__creader(void)
         PyModule_AddIntConstant(m, "H_INDEX_OFF", H_INDEX_OFF) < 0 ||
         PyModule_AddIntConstant(m, "H_DATA_OFF", H_DATA_OFF) < 0 ||
         PyModule_AddIntConstant(m, "H_STALE", H_STALE) < 0 ||
+        PyModule_AddIntConstant(m, "H_INDEX", H_INDEX) < 0 ||
         PyModule_AddIntConstant(m, "R_SEQ", R_SEQ) < 0 ||
         PyModule_AddIntConstant(m, "R_LENS", R_LENS) < 0 ||
         PyModule_AddIntConstant(m, "R_EXPIRY_VFLAG", R_EXPIRY_VFLAG) < 0 ||

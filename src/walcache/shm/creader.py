@@ -131,11 +131,12 @@ class CReader(_Base):
         return py
 
     def _follow(self) -> None:
-        """Map the segment the ShmReader has mapped, unless we already follow it."""
+        """Map the segment the ShmReader has mapped, unless we already follow it and its
+        index (an index move keeps the segment: its header names the new index)."""
         py = self._live()
         for _ in range(_MAX_REMAPS):
             name = py._name
-            if name == self._mapped and self._attached:
+            if name == self._mapped and self._attached and self._slot0 == py._slot0:
                 return
             try:
                 self._map(name)

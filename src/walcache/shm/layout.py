@@ -45,9 +45,9 @@ Segment size is at most MAX_SEGMENT_BYTES (32 GiB - 64 B), so that every word in
 fits in 32 bits (see the slot word).
 
 Header (HEADER_SIZE = 256 bytes). Offsets 0..127 are written before the segment is
-published and then only ``stale``/``closed`` change (once each); 128..255 are the
-counters the writer updates on every write (a separate cache line, so that readers'
-cached geometry is not invalidated by every put).
+published and then only ``stale``/``closed`` change (once each) and ``index`` (at an
+index move); 128..255 are the counters the writer updates on every write (a separate
+cache line, so that readers' cached geometry is not invalidated by every put).
 
 ====== ==== ======= =================================================================
 offset size type    meaning
@@ -57,14 +57,17 @@ offset size type    meaning
 16     8    u64     generation (the ctl generation it was published under; 0 = never)
 24     8    u64     writer incarnation (random, also in the segment name)
 32     8    u64     segment_bytes: total size of this segment
-40     8    u64     capacity: number of index slots, a power of two >= 8
-48     8    u64     index_off: byte offset of slot 0 (= HEADER_SIZE)
-56     8    u64     data_off: byte offset of the data area (64-aligned, after the index)
+40     8    u64     capacity of the first index: number of slots, a power of two >= 8
+48     8    u64     index_off of the first index: byte offset of its slot 0 (= HEADER_SIZE)
+56     8    u64     data_off: byte offset of the data area (64-aligned, after the first index)
 64     8    u64     writer pid
 72     8    u64     writer process start time, ms since the epoch (guards pid reuse)
 80     8    u64     stale: 1 once a newer segment is published (never goes back to 0)
 88     8    u64     closed: 1 once the writer stopped cleanly (readers keep reading)
-96     32   -       reserved, zero
+96     8    u64     index: the CURRENT index, ``log2(capacity) << 32 | slot0`` where slot0
+                    is the word index of its slot 0 (see "Index moves"); one word, so a
+                    reader always reads a consistent pair
+104    24   -       reserved, zero
 128    8    u64     heartbeat: ms since the epoch, written about once a second
 136    8    u64     live: number of live keys (expired ones included until purged)
 144    8    u64     tombstones: number of TOMBSTONE slots
@@ -74,14 +77,15 @@ offset size type    meaning
 ====== ==== ======= =================================================================
 
 Index slot (SLOT_SIZE = 8 bytes), one u64; linear probing from ``H & (capacity - 1)``
-where ``H = XXH64(encoded key, seed 0)``:
+where ``H = XXH64(encoded key, seed 0)``, in the current index (header word 96):
 
 ==================== ===============================================================
 value                meaning
 ==================== ===============================================================
 0                    EMPTY: never used in this segment; a probe stops here (miss)
 TOMBSTONE = 1 << 32  deleted: keep probing (fp 1 with record 0, which no entry has)
-MOVED = 2**64 - 1    this segment is stale: remap through the control segment
+MOVED = 2**64 - 1    this index is retired: reread the header's index word, and remap
+                     through the control segment if the segment is stale
 otherwise            live: ``(H >> 32) << 32 | w``: bits 63..32 are the top 32 bits of
                      H (a fingerprint), bits 31..0 the record's WORD index ``w`` (byte
                      offset / 8) from the segment start; data_off/8 <= w and
@@ -150,7 +154,31 @@ rewritten (W1/W3), or no slot names it any more (W5). A reader that once validat
 "key K lives at w, seq s" (R5 passed and S[i] still held x after it) may answer K from
 (w, s) for as long as ``Q[w] == s`` and the header's ``stale`` is 0, without probing:
 the compiled reader's result cache does (_creader.c). Version 1 freed chunks without
-touching their seq, which is why version 2 readers refuse version 1 segments.
+touching their seq, which is why later readers refuse version 1 segments; version 2 had
+no index word (the index never moved), and a version 3 reader refuses it too.
+
+Index moves
+-----------
+
+The first index sits between the header and the data area. When it fills up (live +
+tombstones past MAX_LOAD of it) and the data area is not mostly dead, the writer moves
+the index instead of copying every record into a new segment: the records stay where
+they are, only the 8-byte slots are rewritten.
+
+Writer, index move (new capacity C', in the segment's unused reserve):
+  M1. take C' words at the top of the reserve, below any earlier index there (never
+      inside the data area's bump range, never reused within this segment), commit
+      them, and fill them with a slot for every live slot of the current index, placed
+      by linear probing from ``XXH64(key) & (C' - 1)`` (tombstones dropped). Nobody
+      reads these words yet.
+  M2. store the header's index word (one 8-byte store) naming the new index.
+  M3. store MOVED into every slot of the old index, one 8-byte store at a time.
+  No record is written between M1 and M3 (the writer is one thread), so until M3
+  finishes the old index still describes exactly the current records.
+A reader that meets MOVED rereads the index word (M2 was stored before any MOVED, and
+x86-TSO keeps the order) and probes the new index from R1; the records it may have
+cached (w, s) did not move. The old index's words are never reused in this segment,
+so a reader that is still probing it only ever finds slots or MOVED there.
 
 Writer, new segment (growth, compaction, new daemon): build it completely (nobody maps
 it yet), publish it in the control segment (ctl seq odd, fields, ctl seq even), set the
@@ -161,8 +189,9 @@ they meet MOVED.
 Reader, get(encoded key kb):
   R1. ``H = XXH64(kb)``; ``f = H & FP_MASK``; ``i = H & (capacity - 1)``.
   R2. ``x = S[i]``; ``w = x - f``. If ``lo <= w < hi``: candidate, go to R3. If x is
-      EMPTY: miss. If x is MOVED: remap (read the control segment under its seq,
-      open and map the named segment, validate its header) and start again. Else
+      EMPTY: miss. If x is MOVED: remap (read the control segment under its seq; if it
+      names another segment or this one is stale, open and map the named segment; in
+      both cases read and validate the header's index word) and start again. Else
       ``i = (i + 1) & (capacity - 1)`` and repeat R2 (at most capacity probes).
   R3. ``s1 = Q[w]``.
   R4. ``m = Q[w + 1]``; bounds-check ``8w + 32 + klen + vlen <= segment_bytes`` before
@@ -246,6 +275,7 @@ __all__ = [
     "H_GENERATION",
     "H_STALE",
     "H_CLOSED",
+    "H_INDEX",
     "H_WRITER_PID",
     "H_WRITER_START_MS",
     "H_HEARTBEAT",
@@ -258,6 +288,8 @@ __all__ = [
     "R_EXPIRY_VFLAG",
     "R_SEQNO",
     "hash_key",
+    "index_word",
+    "index_geometry",
     "chunk_words",
     "footprint",
     "ctl_name",
@@ -265,7 +297,7 @@ __all__ = [
     "now_ms",
 ]
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 CTL_MAGIC = b"WALCCTL\0"
 DATA_MAGIC = b"WALCTBL\0"
@@ -305,7 +337,7 @@ CTL_STRUCT = struct.Struct("=8sQQQQQ64s16x")
 # (even) for a moment, with the fields after it still zero.
 CTL_TAIL = struct.Struct("=QQQ64s")
 # Data header: see the table; two halves of 128 bytes.
-HEADER_STRUCT = struct.Struct("=8sQQQQQQQQQQQ32x" "QQQQQ88x")
+HEADER_STRUCT = struct.Struct("=8sQQQQQQQQQQQQ24x" "QQQQQ88x")
 # Record header: seq, lens, expiry_vflag, seqno.
 RECORD_HEADER = struct.Struct("=QQQQ")
 # Index slot.
@@ -319,6 +351,7 @@ H_WRITER_PID = 8
 H_WRITER_START_MS = 9
 H_STALE = 10
 H_CLOSED = 11
+H_INDEX = 12
 H_HEARTBEAT = 16
 H_LIVE = 17
 H_TOMBSTONES = 18
@@ -341,6 +374,23 @@ def chunk_words(klen: int, vlen: int) -> int:
 def footprint(klen: int, vlen: int) -> int:
     """Bytes one entry takes: its chunk plus one index slot (empty slots not counted)."""
     return (chunk_words(klen, vlen) << 3) + SLOT_SIZE
+
+
+def index_word(slot0: int, capacity: int) -> int:
+    """The header's index word for an index of ``capacity`` slots at word ``slot0``."""
+    return (capacity.bit_length() - 1) << 32 | slot0
+
+
+def index_geometry(word: int, segment_bytes: int) -> tuple[int, int] | None:
+    """(slot0, capacity) named by an index word, or None unless it lies in the segment
+    after the header with a capacity that is a power of two >= MIN_CAPACITY."""
+    log2, slot0 = word >> 32, word & LOC_MASK
+    if not MIN_CAPACITY.bit_length() - 1 <= log2 < 33:
+        return None
+    capacity = 1 << log2
+    if slot0 < HEADER_SIZE // 8 or (slot0 + capacity) * SLOT_SIZE > segment_bytes:
+        return None
+    return slot0, capacity
 
 
 def ctl_name(namespace: str) -> str:

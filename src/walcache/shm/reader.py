@@ -33,6 +33,7 @@ from .layout import (
     DATA_MAGIC,
     EMPTY,
     FP_MASK,
+    H_INDEX,
     H_LIVE,
     H_STALE,
     H_WRITER_PID,
@@ -57,6 +58,7 @@ from .layout import (
     TOMBSTONE,
     ctl_name,
     hash_key,
+    index_geometry,
 )
 
 __all__ = ["ShmReader"]
@@ -113,6 +115,7 @@ class ShmReader:
         "_lo",
         "_hi",
         "_end",
+        "_slot0",
         "_name",
         "_generation",
     )
@@ -218,6 +221,7 @@ class ShmReader:
         (magic, version, _, _, seg_bytes, capacity, index_off, data_off) = HEADER_STRUCT.unpack_from(mm, 0)[:8]
         size = len(mm)
         why = ""
+        geometry = None
         if magic != DATA_MAGIC or version != LAYOUT_VERSION:
             why = f"magic {magic!r}, layout version {version} (this reader: {LAYOUT_VERSION})"
         elif seg_bytes != size:
@@ -226,10 +230,18 @@ class ShmReader:
             why = f"bad index geometry (capacity {capacity}, offset {index_off})"
         elif data_off % 8 or not index_off + capacity * SLOT_SIZE <= data_off <= size - REC_HEADER_SIZE:
             why = f"bad data area offset {data_off}"
-        if why:
+        else:
+            # One 8-byte load: an index move rewrites this word alone (layout.py "Index moves").
+            with memoryview(mm) as raw, raw.cast("Q") as words:
+                word = words[H_INDEX]
+            geometry = index_geometry(word, size)
+            if geometry is None:
+                why = f"bad index word {word:#x}"
+        if why or geometry is None:
             raise TableUnavailable(f"shared table {name} is not readable: {why}")
+        slot0, capacity = geometry
         q = memoryview(mm).cast("Q")
-        slots = q[index_off // 8 : index_off // 8 + capacity]
+        slots = q[slot0 : slot0 + capacity]
         sv = memoryview(mmap.mmap(-1, size)).cast("Q") if self._unsafe else q
         lo = data_off // 8
         hi = size // 8 - REC_HEADER_WORDS + 1  # w + 4 <= words
@@ -240,6 +252,7 @@ class ShmReader:
         # The same fields one by one, for the slow paths, the header and the C reader.
         self._mm, self._q, self._slots, self._sv = mm, q, slots, sv
         self._mask, self._lo, self._hi, self._end = capacity - 1, lo, hi, size
+        self._slot0 = slot0
         self._name = name
 
     def _release(self) -> None:
@@ -472,10 +485,14 @@ class ShmReader:
         return None
 
     def _remap(self) -> None:
-        old = self._name
-        self._map_current()
-        if self._name == old and not self._q[H_STALE]:
+        """Follow the current index: of this segment if only the index moved, else of the
+        segment the control segment names."""
+        old, mm = self._name, self._mm
+        assert mm is not None, "reader is closed"
+        if self._read_ctl()[2] == old and not self._q[H_STALE]:
+            self._install(mm, old)  # the index moved: reread its word, same mapping
             return
+        self._map_current()
         log.debug("remapped shm table %s -> %s", old, self._name)
 
     def _give_up(self, kb: bytes) -> None:
@@ -575,16 +592,17 @@ class ShmReader:
             "generation": f[2],
             "incarnation": f[3],
             "segment_bytes": f[4],
-            "capacity": f[5],
+            "capacity": 1 << (f[12] >> 32),  # of the current index (f[5]: of the first one)
+            "index_slot0": f[12] & LOC_MASK,
             "writer_pid": f[8],
             "writer_start_ms": f[9],
             "stale": f[10],
             "closed": f[11],
-            "heartbeat_ms": f[12],
-            "live": f[13],
-            "tombstones": f[14],
-            "used_bytes": f[15],
-            "applied_seqno": f[16],
+            "heartbeat_ms": f[13],
+            "live": f[14],
+            "tombstones": f[15],
+            "used_bytes": f[16],
+            "applied_seqno": f[17],
             "writer_alive": int(_alive(f[8], f[9])),
             "reader": "python",
         }

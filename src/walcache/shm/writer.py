@@ -13,11 +13,10 @@ Rewriting the same keys with values of the same size therefore never grows anyth
 When the bump area is exhausted and no chunk of the needed size is free, the writer
 rebuilds: a new segment, compacted (live entries copied back to back, tombstones and
 expired entries dropped), the same size if the live data then fills at most half of
-it, else doubled. The index is rebuilt the same way when live + tombstone slots would
-pass MAX_LOAD of the capacity (doubling while live keys exceed MIN_LOAD of it). A
-rebuild pauses this thread (every write) for O(live data): 23 ms for 100,000 keys of
-100 B, 0.5 s for 150,000 keys of 4 KiB (bench/bench_rebuild.py); it never blocks a
-reader: readers keep the old, frozen mapping until they meet MOVED, then remap.
+it, else doubled. A rebuild pauses this thread (every write) for O(live data): 23 ms
+for 100,000 keys of 100 B, 0.5 s for 150,000 keys of 4 KiB (bench/bench_rebuild.py);
+it never blocks a reader: readers keep the old, frozen mapping until they meet MOVED,
+then remap.
 
 Growing in place. A segment is created with a sparse reserve after its data area
 (ftruncate: address space, no memory), by default room for a data area of twice the
@@ -26,9 +25,17 @@ When the bump area runs out and a rebuild would only double it (and no more than
 quarter of it is dead chunks, which a rebuild would compact), the writer moves the
 area's end into the reserve instead (grow_in_place): the records stay put, readers
 already map the whole segment, and pages are committed as the bump pointer reaches
-them, as always. Only index growth, compaction and a spent reserve still rebuild; a
-table sized for its keys (--initial-capacity) does not rebuild as its data grows.
-Readers pay in address space: each maps the whole segment, reserve included.
+them, as always. Readers pay in address space: each maps the whole segment, reserve
+included.
+
+Moving the index. When live + tombstone slots would pass MAX_LOAD of the capacity, the
+index needs more slots (doubling while live keys exceed MIN_LOAD of it). If the data
+area is not mostly dead, the writer moves the index instead of rebuilding (move_index,
+layout.py "Index moves"): a new index at the top of the reserve, below any earlier one,
+filled from the old one's slots (only 8-byte slots are rewritten and keys rehashed;
+the records stay), then the header's index word, then MOVED in the old index. Its cost
+is O(slots), not O(data). Old indexes stay dead in the segment until a rebuild. So only
+compaction of a mostly dead area and a spent reserve rebuild.
 
 Why not memcached-style geometric size classes: exact sizes waste at most 7 bytes per
 entry (target: <= 64 bytes of overhead per entry) and the compaction above already
@@ -66,6 +73,7 @@ from .layout import (
     H_CLOSED,
     H_GENERATION,
     H_HEARTBEAT,
+    H_INDEX,
     H_LIVE,
     H_STALE,
     H_TOMBSTONES,
@@ -88,6 +96,8 @@ from .layout import (
     SLOT,
     SLOT_SIZE,
     TOMBSTONE,
+    index_geometry,
+    index_word,
     chunk_words,
     ctl_name,
     data_name,
@@ -175,10 +185,14 @@ class _Segment:
         self.capacity = capacity
         self.mask = capacity - 1
         self.q = memoryview(mm).cast("Q")
-        self.slots = self.q[HEADER_SIZE // 8 : HEADER_SIZE // 8 + capacity]
+        self.slot0 = HEADER_SIZE // 8  # word index of the current index's slot 0
+        self.slots = self.q[self.slot0 : self.slot0 + capacity]
         self.lo = data_off // 8
         self.top = self.lo  # bump pointer (word index)
+        # The data area's hard end: the segment's end, then the lowest moved index.
         self.end_words = self.size // 8
+        self.index_bytes = 0  # committed for moved indexes (the current one and retired ones)
+        self.retired_index_words = 0  # indexes an index move retired: dead until a rebuild
         # The bump area in use ends here; past it up to end_words is reserve (sparse: no
         # memory until used), which ShmTable.grow_in_place hands out instead of a rebuild.
         self.limit = self.end_words if data_bytes is None else min(self.end_words, self.lo + data_bytes // 8)
@@ -230,9 +244,10 @@ class _Segment:
         os.close(self.fd)
 
 
-# Layouts whose data segments this writer can retire: the header's stale word, the index
-# geometry and the MOVED slot value are the same in all of them (layout.py).
-RETIRABLE_LAYOUT_VERSIONS = (1, LAYOUT_VERSION)
+# Layouts whose data segments this writer can retire: the header's stale word and the
+# MOVED slot value are the same in all of them; the index is at the header's offsets 40
+# and 48 before layout 3, at its index word from 3 on (layout.py).
+RETIRABLE_LAYOUT_VERSIONS = (1, 2, LAYOUT_VERSION)
 
 
 class ShmTable:
@@ -278,6 +293,9 @@ class ShmTable:
         self.rebuilds = 0
         self.last_rebuild: dict[str, Any] | None = None
         self.growths_in_place = 0  # data-area growths that needed no rebuild
+        self.index_moves = 0  # index growths that needed no rebuild
+        self.compiled_index: bool | None = None  # fill moved indexes as _builder(this) says (tests)
+        self.last_index_move: dict[str, Any] | None = None
 
     # -- construction -------------------------------------------------------------------
 
@@ -428,7 +446,7 @@ class ShmTable:
         HEADER_STRUCT.pack_into(
             mm, 0, DATA_MAGIC, LAYOUT_VERSION, 0, self._incarnation, size, capacity,
             HEADER_SIZE, data_off, self._pid, self._start_ms, 0, 0,
-            now_ms(), 0, 0, 0, self._applied,
+            index_word(HEADER_SIZE // 8, capacity), now_ms(), 0, 0, 0, self._applied,
         )  # fmt: skip
         log.debug("created shm segment %s: %d bytes, %d slots", name, size, capacity)
         return seg
@@ -485,7 +503,8 @@ class ShmTable:
             self._live_words += nw - old_nw
         else:
             if seg.slots[i] == EMPTY and self._live + self._tombstones + 1 > seg.capacity * MAX_LOAD:
-                self._rebuild(extra_words=nw)
+                if not self._move_index(1):
+                    self._rebuild(extra_words=nw)
                 return self.put(key, vflag, value, seqno, expiry_ms)
             c = seg.alloc(nw) or self._alloc_grown(nw)
             if not c:
@@ -602,6 +621,8 @@ class ShmTable:
             # Chunks of each size come from its free list first, while the segment stays.
             words = sum(max(0, n - len(seg.free.get(nw, ()))) * nw for nw, n in chunks.items())
         index_full = self._live + self._tombstones + keys > seg.capacity * MAX_LOAD
+        if index_full and self._move_index(keys):
+            index_full = False
         if index_full or (seg.top + words > seg.limit and not self._grow_in_place(words)):
             if changes is not None:  # a rebuild leaves no free lists: every chunk from the bump area
                 words = sum(n * nw for nw, n in chunks.items())
@@ -736,11 +757,15 @@ class ShmTable:
             "free_list_bytes": seg.free_words << 3,
             "unallocated_bytes": (seg.limit - seg.top) << 3,
             "reserve_bytes": (seg.end_words - seg.limit) << 3,
-            "committed_bytes": seg.committed,
+            "committed_bytes": seg.committed + seg.index_bytes,
+            "index_bytes": seg.index_bytes,
+            "retired_index_bytes": seg.retired_index_words << 3,
             "applied_seqno": self._applied,
             "rebuilds": self.rebuilds,
             "last_rebuild": self.last_rebuild,
             "growths_in_place": self.growths_in_place,
+            "index_moves": self.index_moves,
+            "last_index_move": self.last_index_move,
         }
 
     def close(self, unlink: bool = False) -> None:
@@ -884,9 +909,7 @@ class ShmTable:
         need = (self._live_words + extra_words) * 2  # _rebuild's rule for doubling
         if need <= words or seg.limit >= seg.end_words:
             return False
-        # A rebuild would also have compacted: with much of the area dead (freed chunks
-        # no put took again), growing in place would keep that waste, so rebuild.
-        if (seg.top - seg.lo) - self._live_words > words // 4:
+        if self._mostly_dead(seg):
             return False
         while need > words:
             words *= 2
@@ -894,6 +917,66 @@ class ShmTable:
         self.growths_in_place += 1
         log.info("shm table data area grown in place to %d bytes (no rebuild)", seg.data_words << 3)
         return seg.top + extra_words <= seg.limit
+
+    def _mostly_dead(self, seg: _Segment, retiring: int = 0) -> bool:
+        """A rebuild would compact: the waste is over a quarter of the data area. Waste is
+        dead chunks (freed, taken by no put since) and retired indexes (``retiring``: words
+        of one about to be): growing in place or moving the index would keep it."""
+        dead = (seg.top - seg.lo) - self._live_words + seg.retired_index_words + retiring
+        return dead > seg.data_words // 4
+
+    def _move_index(self, extra_keys: int) -> bool:
+        """Room for ``extra_keys`` more keys in a new index without a rebuild (layout.py
+        "Index moves"); False when a rebuild must run instead: the data area is mostly
+        dead, or the reserve has no room for the new index.
+
+        The new index takes the top of the reserve, below any earlier one, so it never
+        overlaps the data area's bump range and its words were never written. Every
+        write waits while it is filled: O(slots) with keys rehashed, the records stay.
+        """
+        seg = self._seg
+        assert seg is not None
+        capacity = seg.capacity
+        while self._live + extra_keys > capacity * MIN_LOAD:
+            capacity *= 2
+        slot0 = seg.end_words - capacity
+        # Retired indexes keep their memory (a reader may still be probing one), so they
+        # count as waste: moves stop, and a rebuild reclaims them, before it passes a
+        # quarter of the data area (with tiny records: after a few doublings).
+        if slot0 < seg.limit or self._mostly_dead(seg, retiring=seg.capacity):
+            return False
+        t0 = time.perf_counter()
+        try:
+            self._ops.fallocate(seg.fd, slot0 << 3, capacity << 3)
+        except OSError as exc:
+            raise CacheFull(
+                f"cannot commit {capacity << 3} bytes of shared memory for a larger index of {seg.name} "
+                f"({exc.strerror}): /dev/shm is full or limited; free space there or lower --max-memory"
+            ) from exc
+        _fill_index(seg, slot0, capacity, self.compiled_index)  # M1
+        seg.q[H_INDEX] = index_word(slot0, capacity)  # M2
+        _store_moved(seg.slots)  # M3
+        old_capacity = seg.capacity
+        seg.retired_index_words += old_capacity
+        seg.slots.release()
+        seg.slots = seg.q[slot0 : slot0 + capacity]
+        seg.slot0, seg.capacity, seg.mask = slot0, capacity, capacity - 1
+        seg.end_words = slot0
+        seg.limit = min(seg.limit, slot0)
+        seg.index_bytes += capacity << 3
+        self._tombstones = 0
+        self._store_counts(seg)
+        ms = (time.perf_counter() - t0) * 1e3
+        self.index_moves += 1
+        self.last_index_move = {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "ms": round(ms, 1), "live_keys": self._live,
+            "slots": capacity,
+        }  # fmt: skip
+        log.info(
+            "moved shm index in %.1f ms (no rebuild): %d -> %d slots, %d live keys (%s)",
+            ms, old_capacity, capacity, self._live, seg.name,
+        )  # fmt: skip
+        return True
 
     def _alloc_grown(self, nw: int) -> int:
         """seg.alloc after growing in place; 0 when a rebuild is needed instead."""
@@ -954,7 +1037,9 @@ class ShmTable:
         if ext is not None:
             # Only the committed pages of the new segment: past them a store could fault.
             with memoryview(new.mm) as whole, whole[: new.committed] as room:
-                live, live_words, top = ext.copy_live(old.mm, room, old.capacity, new.capacity, new.top, now)
+                live, live_words, top = ext.copy_live(
+                    old.mm, room, old.slot0, old.capacity, old.lo, new.capacity, new.top, now
+                )
             new.top = top
             self._live, self._tombstones, self._live_words = live, 0, live_words
             self._store_counts(new)
@@ -990,7 +1075,8 @@ class ShmTable:
 
     def _retire(self, seg: _Segment) -> None:
         """After the control segment names a newer segment: make ``seg``'s readers move."""
-        _mark_moved(seg.q, seg.slots)
+        seg.q[H_STALE] = 1
+        _store_moved(seg.slots)
         _unlink(seg.name)
 
     def _retire_by_name(self, name: str) -> None:
@@ -1007,19 +1093,20 @@ class ShmTable:
             shm.unlink()
         try:
             hdr = HEADER_STRUCT.unpack_from(mm, 0)
-            capacity, index_off = hdr[5], hdr[6]
-            if (
-                hdr[0] == DATA_MAGIC
-                and hdr[1] in RETIRABLE_LAYOUT_VERSIONS
-                and hdr[4] == len(mm)
-                and capacity >= MIN_CAPACITY
-                and capacity & (capacity - 1) == 0
-                and index_off == HEADER_SIZE
-                and index_off + capacity * SLOT_SIZE <= len(mm)
-            ):
+            geometry = None
+            if hdr[0] == DATA_MAGIC and hdr[1] in RETIRABLE_LAYOUT_VERSIONS and hdr[4] == len(mm):
+                if hdr[1] >= 3:  # the index may have moved: its word names the current one
+                    geometry = index_geometry(hdr[12], len(mm))
+                elif hdr[6] == HEADER_SIZE:  # layouts 1 and 2: the first index, always
+                    geometry = index_geometry(index_word(HEADER_SIZE // 8, hdr[5]), len(mm))
+                    if geometry is not None and geometry[1] != hdr[5]:
+                        geometry = None  # not a power of two
+            if geometry is not None:
+                slot0, capacity = geometry
                 q = memoryview(mm).cast("Q")
-                slots = q[index_off // 8 : index_off // 8 + capacity]
-                _mark_moved(q, slots)
+                slots = q[slot0 : slot0 + capacity]
+                q[H_STALE] = 1
+                _store_moved(slots)
                 slots.release()
                 q.release()
             else:
@@ -1101,8 +1188,9 @@ class ShmTable:
         ctlq[C_SEQ] = s + 2
 
 
-def _mark_moved(q: memoryview, slots: memoryview) -> None:
-    q[H_STALE] = 1
+def _store_moved(slots: memoryview) -> None:
+    """MOVED into every slot of a retired index (after the stale flag or the new index
+    word, whichever retires it)."""
     # One aligned 8-byte store per slot: a bulk memset could tear a slot word that a
     # reader is loading (vector stores are not promised atomic per 8 bytes). The compiled
     # loop does the same stores (a restart retires a 4M-slot index: ~0.3 s in Python).
@@ -1112,6 +1200,35 @@ def _mark_moved(q: memoryview, slots: memoryview) -> None:
         return
     for i in range(len(slots)):
         slots[i] = MOVED
+
+
+def _fill_index(seg: _Segment, slot0: int, capacity: int, compiled: bool | None = None) -> int:
+    """Step M1 of an index move: in the ``capacity`` slots at word ``slot0`` (all EMPTY,
+    read by nobody yet), a slot for every live slot of ``seg``'s current index, placed by
+    linear probing from XXH64(key) & (capacity - 1), in the old index's slot order;
+    returns how many.
+
+    The compiled ``fill_index`` does the same, slot for slot, without the GIL; this loop
+    is the reference (tests compare the two).
+    """
+    ext = _builder(compiled)
+    if ext is not None:
+        return ext.fill_index(seg.mm, seg.slot0, seg.capacity, slot0, capacity, seg.lo)
+    q, mm = seg.q, seg.mm
+    nmask = capacity - 1
+    n = 0
+    with q[slot0 : slot0 + capacity] as new:
+        for x in seg.slots.tolist():
+            if x == EMPTY or x == TOMBSTONE:
+                continue
+            w = x & LOC_MASK
+            k = 8 * w + REC_HEADER_SIZE
+            i = hash_key(mm[k : k + (q[w + R_LENS] >> 32)]) & nmask
+            while new[i] != EMPTY:
+                i = (i + 1) & nmask
+            new[i] = x
+            n += 1
+    return n
 
 
 def _unlink(name: str) -> None:
@@ -1256,8 +1373,21 @@ class _Compiled(_Builder, Protocol):
     def mark_moved(self, slots: memoryview, /) -> None: ...
 
     def copy_live(
-        self, old: mmap.mmap, new: memoryview, old_capacity: int, new_capacity: int, new_top: int, now_ms: int, /
+        self,
+        old: mmap.mmap,
+        new: memoryview,
+        old_slot0: int,
+        old_capacity: int,
+        old_lo: int,
+        new_capacity: int,
+        new_top: int,
+        now_ms: int,
+        /,
     ) -> tuple[int, int, int]: ...
+
+    def fill_index(
+        self, buf: mmap.mmap, old_slot0: int, old_capacity: int, new_slot0: int, new_capacity: int, lo: int, /
+    ) -> int: ...
 
 
 def _builder(compiled: bool | None) -> _Compiled | None:
@@ -1266,7 +1396,7 @@ def _builder(compiled: bool | None) -> _Compiled | None:
         return None
     from .creader import extension, extension_error
 
-    if extension is not None and not hasattr(extension, "copy_live"):
+    if extension is not None and not hasattr(extension, "fill_index"):
         extension, extension_error = None, "built from an older source without the builder: rebuild it"
     if compiled is None:
         if extension is None or os.environ.get("WALCACHE_PURE_PYTHON", "") not in ("", "0"):
