@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import multiprocessing
 import os
 import platform
@@ -879,4 +880,109 @@ def test_publishing_retires_a_previous_table_whose_index_moved(namespace: str) -
     finally:
         r.close()
         new.close(unlink=True)
+        old.close(unlink=True)
+
+
+def _keys_with_home(lo: int, hi: int, capacity: int, n: int, tag: str) -> list[str]:
+    """``n`` str keys whose home slot in an index of ``capacity`` slots is in [lo, hi)."""
+    out = []
+    i = 0
+    while len(out) < n:
+        k = f"{tag}{i}"
+        if lo <= layout.hash_key(encode_key(k)) & (capacity - 1) < hi:
+            out.append(k)
+        i += 1
+    return out
+
+
+def test_a_scan_restarts_when_the_index_moves_between_two_batches(namespace: str) -> None:
+    """iter_entries reads the index in batches (the C reader: SCAN_BATCH slots per call). A
+    move between two batches lays the slots out anew: the scan must start over, or a key
+    that moved from the unscanned part to the scanned part is never yielded (a review
+    found the C reader resumed at the same slot number in the new index)."""
+    from walcache.shm.creader import SCAN_BATCH, CReader, extension
+
+    kinds: list[Any] = [ShmReader] + ([CReader] if extension is not None else [])
+    for n, kind in enumerate(kinds):
+        ns = f"{namespace}s{n}"
+        t = ShmTable.create(ns, capacity=4000, data_bytes=1 << 20, max_memory=64 << 20)
+        t.publish()
+        cap = int(t.stats()["capacity"])
+        assert cap == 2 * SCAN_BATCH
+        # A probe cluster straddling the batch boundary; deleting its first half leaves
+        # the rest past the boundary, though their home slots are before it.
+        cluster = _keys_with_home(SCAN_BATCH - 40, SCAN_BATCH, cap, 120, "c")
+        seqno = 0
+        for k in cluster:
+            seqno += 1
+            put(t, k, k, seqno=seqno)
+        for k in cluster[:60]:
+            seqno += 1
+            t.delete(encode_key(k), seqno)
+        early = _keys_with_home(0, 100, cap, 5, "e")  # so the first batch yields something
+        for k in early:
+            seqno += 1
+            put(t, k, k, seqno=seqno)
+        expected = {encode_key(k) for k in cluster[60:] + early}
+        seg = t._seg
+        assert seg is not None
+        r = kind(ns)
+        try:
+            scan = r.iter_entries()
+            got = {next(scan)[0]}  # the first batch is read
+            # Fillers inserted and deleted: tombstones until the index moves (same size),
+            # and the survivors of the cluster go back before the boundary.
+            moves = t.index_moves
+            j = 0
+            while t.index_moves == moves:
+                seqno += 2
+                put(t, f"f{j}", 0, seqno=seqno)
+                t.delete(encode_key(f"f{j}"), seqno + 1)
+                j += 1
+            assert int(t.stats()["capacity"]) == cap
+            back = [k for k in cluster[60:] if t._probe(seg, encode_key(k), layout.hash_key(encode_key(k)))[0] < SCAN_BATCH]
+            assert back, "no key crossed the batch boundary: the test shows nothing"
+            assert r.lookup("absent") is None  # meets MOVED: the reader takes the new index
+            got |= {e[0] for e in scan}
+            assert expected <= got, f"{kind.__name__} missed {len(expected - got)} keys"
+        finally:
+            r.close()
+            t.close(unlink=True)
+
+
+def test_a_restart_retires_every_index_of_a_writer_that_died_moving_one(namespace: str) -> None:
+    """A writer killed between M2 and the end of M3 leaves part of the old index live.
+    The next daemon retires the segment by every index it may have had (the first one
+    and all moved ones), so a reader still probing the old one moves to the new table
+    instead of answering from a dead one forever."""
+    old = ShmTable.create(namespace, capacity=8, data_bytes=1 << 20, max_memory=64 << 20)
+    old.publish()
+    readers = _readers(namespace)  # they follow the first index
+    try:
+        seg = old._seg
+        assert seg is not None
+        before: list[int] = []
+        n = 0
+        while old.index_moves == 0:
+            before = seg.slots.tolist()
+            first = (seg.slot0, seg.capacity)
+            put(old, n, "old", seqno=n + 1)
+            n += 1
+        # The kill: M2 stored, M3 not even begun (the first index still names every key).
+        seg.q[first[0] : first[0] + first[1]] = memoryview(array.array("Q", before)).cast("B").cast("Q")
+        for r in readers:
+            assert r.lookup(0) == "old"
+        new = ShmTable.create(namespace, capacity=16)
+        for i in range(n):
+            put(new, i, "new", seqno=i + 1)
+        new.publish()
+        try:
+            assert set(seg.q[first[0] : first[0] + first[1]].tolist()) == {layout.MOVED}
+            for r in readers:
+                assert [r.lookup(i) for i in range(n)] == ["new"] * n
+        finally:
+            new.close(unlink=True)
+    finally:
+        for r in readers:
+            r.close()
         old.close(unlink=True)

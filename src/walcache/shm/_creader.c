@@ -1696,6 +1696,8 @@ reader_get_u64(Reader *r, void *closure)
         return PyLong_FromUnsignedLongLong(r->generation);
     case 4:
         return PyLong_FromUnsignedLongLong(r->slot0);
+    case 5:
+        return PyLong_FromUnsignedLongLong(r->epoch);
     default:
         return PyLong_FromUnsignedLongLong(load_relaxed(&r->Q[H_STALE]));
     }
@@ -1708,6 +1710,7 @@ static PyGetSetDef reader_getset[] = {
     {"_generation", (getter)reader_get_u64, NULL, "generation of the attached segment", (void *)2},
     {"_stale", (getter)reader_get_u64, NULL, "the attached segment's stale flag, now", (void *)3},
     {"_slot0", (getter)reader_get_u64, NULL, "word index of slot 0 of the index this reader follows", (void *)4},
+    {"_epoch", (getter)reader_get_u64, NULL, "+1 at every attach and detach (None while detached)", (void *)5},
     {NULL},
 };
 

@@ -136,7 +136,10 @@ class CReader(_Base):
         py = self._live()
         for _ in range(_MAX_REMAPS):
             name = py._name
-            if name == self._mapped and self._attached and self._slot0 == py._slot0:
+            # The same segment: keep it unless its index moved past the one we follow
+            # (the header's word, not the ShmReader's, which may lag behind ours).
+            current_slot0 = py._q[layout.H_INDEX] & layout.LOC_MASK
+            if name == self._mapped and self._attached and self._slot0 == current_slot0:
                 return
             try:
                 self._map(name)
@@ -183,13 +186,16 @@ class CReader(_Base):
         seen: set[bytes] = set()
         remaps = 0
         start = 0
-        generation = self._generation
+        # Any attach (a new table, or the same one after its index moved: the slots are
+        # laid out anew) between two batches restarts the scan: a slot number of one
+        # index means nothing in another.
+        epoch = self._epoch
         while True:
             if not self._attached:
                 self._closed_error()
-            if self._generation != generation:
-                start = 0  # another thread moved us to a new table between two batches
-                generation = self._generation
+            if self._epoch != epoch:
+                start = 0  # another thread, or a get between two yields, attached us anew
+                epoch = self._epoch
             entries, nxt, status = self._scan(start, SCAN_BATCH)
             now = time.time() * 1000.0
             for entry in entries:
@@ -215,7 +221,7 @@ class CReader(_Base):
             else:
                 self._contended(b"<scan>")
             start = 0
-            generation = self._generation
+            epoch = self._epoch
 
     def _closed_error(self) -> None:
         raise TableUnavailable("this reader is closed")

@@ -218,8 +218,9 @@ class _Segment:
         return w
 
     def commit(self, end: int) -> None:
-        """Commit the pages up to byte ``end`` (rounded up to COMMIT_STEP)."""
-        new = min(self.size, _round_up(end, COMMIT_STEP))
+        """Commit the pages up to byte ``end`` (rounded up to COMMIT_STEP, never into
+        the moved indexes at the top, which are committed on their own)."""
+        new = min(self.end_words << 3, _round_up(end, COMMIT_STEP))
         if new <= self.committed:
             return
         try:
@@ -609,7 +610,8 @@ class ShmTable:
         new ones first. So a full /dev/shm still takes overwrites and reuses what
         deletes freed, and a put_many repeating one key does not grow the table.
         When the segment is short even then, this rebuilds as put would (growing it);
-        when the memory cannot be had, nothing changes.
+        when the memory cannot be had, no entry changes (an index move that fitted may
+        already have happened: readers find the same entries through the new index).
         """
         seg = self._seg
         assert seg is not None, "table is closed"
@@ -757,7 +759,8 @@ class ShmTable:
             "free_list_bytes": seg.free_words << 3,
             "unallocated_bytes": (seg.limit - seg.top) << 3,
             "reserve_bytes": (seg.end_words - seg.limit) << 3,
-            "committed_bytes": seg.committed + seg.index_bytes,
+            # A data commit rounded up before a move may reach into the moved indexes.
+            "committed_bytes": min(seg.committed, seg.end_words << 3) + seg.index_bytes,
             "index_bytes": seg.index_bytes,
             "retired_index_bytes": seg.retired_index_words << 3,
             "applied_seqno": self._applied,
@@ -1093,21 +1096,13 @@ class ShmTable:
             shm.unlink()
         try:
             hdr = HEADER_STRUCT.unpack_from(mm, 0)
-            geometry = None
-            if hdr[0] == DATA_MAGIC and hdr[1] in RETIRABLE_LAYOUT_VERSIONS and hdr[4] == len(mm):
-                if hdr[1] >= 3:  # the index may have moved: its word names the current one
-                    geometry = index_geometry(hdr[12], len(mm))
-                elif hdr[6] == HEADER_SIZE:  # layouts 1 and 2: the first index, always
-                    geometry = index_geometry(index_word(HEADER_SIZE // 8, hdr[5]), len(mm))
-                    if geometry is not None and geometry[1] != hdr[5]:
-                        geometry = None  # not a power of two
-            if geometry is not None:
-                slot0, capacity = geometry
+            indexes = _every_index(hdr, len(mm))
+            if indexes:
                 q = memoryview(mm).cast("Q")
-                slots = q[slot0 : slot0 + capacity]
                 q[H_STALE] = 1
-                _store_moved(slots)
-                slots.release()
+                for start, end in indexes:
+                    with q[start:end] as slots:
+                        _store_moved(slots)
                 q.release()
             else:
                 log.warning("previous shm segment %s has an unknown layout: unlinked without marking it", name)
@@ -1188,6 +1183,34 @@ class ShmTable:
         ctlq[C_SEQ] = s + 2
 
 
+def _every_index(hdr: tuple[Any, ...], size: int) -> list[tuple[int, int]]:
+    """Word ranges of every index a segment of a previous writer may have readers in
+    (HEADER_STRUCT fields ``hdr``), or [] if its header is not one this writer knows.
+
+    Not only the current index: a writer that died in step M3 of an index move left
+    part of the old one live, and readers whose probes meet no MOVED there would read
+    it forever. Moved indexes lie back to back from the current one to the segment's
+    end (each takes the top of what the previous left), and the first one at 40/48.
+    """
+    magic, version, _, _, seg_bytes, capacity, index_off, data_off = hdr[:8]
+    if magic != DATA_MAGIC or version not in RETIRABLE_LAYOUT_VERSIONS or seg_bytes != size:
+        return []
+    first = index_geometry(index_word(HEADER_SIZE // 8, capacity), size) if capacity > 0 else None
+    if index_off != HEADER_SIZE or first is None or first[1] != capacity:
+        return []
+    ranges = [(first[0], first[0] + capacity)]
+    if version >= 3:  # the index may have moved (layouts 1 and 2: the first one, always)
+        current = index_geometry(hdr[12], size)
+        if current is None:
+            return []
+        slot0 = current[0]
+        if slot0 != HEADER_SIZE // 8:
+            if slot0 * 8 < data_off:
+                return []  # a moved index always lies past the data area's start
+            ranges.append((slot0, size // 8))
+    return ranges
+
+
 def _store_moved(slots: memoryview) -> None:
     """MOVED into every slot of a retired index (after the stale flag or the new index
     word, whichever retires it)."""
@@ -1217,6 +1240,7 @@ def _fill_index(seg: _Segment, slot0: int, capacity: int, compiled: bool | None 
     q, mm = seg.q, seg.mm
     nmask = capacity - 1
     n = 0
+    mm[slot0 << 3 : (slot0 + capacity) << 3] = bytes(capacity << 3)  # all EMPTY, as the C fill
     with q[slot0 : slot0 + capacity] as new:
         for x in seg.slots.tolist():
             if x == EMPTY or x == TOMBSTONE:
