@@ -40,7 +40,8 @@ Space. Segment files grow in zero-filled extents (``EXTENT_BYTES``): records
 then overwrite allocated blocks, so an fdatasync has no size or extent change
 to journal (about 30 % cheaper on the target disk: fdatasync p50 74-84 us vs
 113-120 us for a growing file, bench/bench_wal.py), and running out of space
-shows up when an extent is added rather than in the middle of a group.
+shows up when an extent is added rather than in the middle of a group. The
+sync after an extent is added pays for it, so extents are kept small.
 
 Segments. ``append`` seals the current segment and starts the next when the
 group would not fit in ``segment_bytes`` (a group never straddles segments; a
@@ -96,7 +97,12 @@ log = logging.getLogger("walcache.wal")
 SYNC_SAMPLES = 10_000
 
 POLICIES = ("always", "interval", "never")
-EXTENT_BYTES = 4 << 20
+# Small extents: the fdatasync after an extent is added writes all its zeros (and the
+# new size) while every writer in its group waits. With 4 KiB values and 16 clients
+# (bench_put.py, alternating runs) 4 MiB extents gave put p99 9.1-11.5 ms and
+# 19.3-20.2k puts/s, 256 KiB gave 1.2-1.3 ms and 23.1-23.8k; 100-byte puts did not
+# change (an extent lasts 2,000 of them).
+EXTENT_BYTES = 256 << 10
 DEFAULT_SEGMENT_BYTES = 64 << 20
 _ZEROS = bytes(1 << 20)
 
