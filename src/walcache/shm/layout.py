@@ -77,7 +77,7 @@ offset size type    meaning
 ====== ==== ======= =================================================================
 
 Index slot (SLOT_SIZE = 8 bytes), one u64; linear probing from ``H & (capacity - 1)``
-where ``H = XXH64(encoded key, seed 0)``, in the current index (header word 96):
+where ``H = XXH64(encoded key, seed 0)``, in the current index (header offset 96):
 
 ==================== ===============================================================
 value                meaning
@@ -178,7 +178,11 @@ Writer, index move (new capacity C', in the segment's unused reserve):
 A reader that meets MOVED rereads the index word (M2 was stored before any MOVED, and
 x86-TSO keeps the order) and probes the new index from R1; the records it may have
 cached (w, s) did not move. The old index's words are never reused in this segment,
-so a reader that is still probing it only ever finds slots or MOVED there.
+so a reader that is still probing it only ever finds slots or MOVED there. A scan
+that meets MOVED starts over: slot numbers of one index mean nothing in another.
+Moved indexes lie back to back from the current one to the segment's end. A writer
+killed during M3 leaves part of the old index live, so the next writer retires such a
+segment by storing MOVED over the first index and over all of [current slot0, end).
 
 Writer, new segment (growth, compaction, new daemon): build it completely (nobody maps
 it yet), publish it in the control segment (ctl seq odd, fields, ctl seq even), set the
