@@ -468,14 +468,17 @@ SERVE_OPTIONS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec(
         "max_memory", _size(1),
-        "Bytes of shared table; past it a put fails with CacheFull and nothing is logged." + _RELOAD, "SIZE",
+        "Bytes of shared table (entries and their index slots); past it a put fails with "
+        "CacheFull and nothing is logged. Shared memory in use can pass it by the index's "
+        "empty slots and by retired indexes (at most a quarter of the data area, until a "
+        "rebuild)." + _RELOAD, "SIZE",
     ),
     OptionSpec(
         "shm_reserve", _optional_size(0),
-        "Address space each shared-table segment reserves for its data to grow in place, "
-        "without a rebuild that stops every write (sparse: no memory until used). Reader "
-        "processes map it too: under an address-space limit (ulimit -v) lower it; 0 turns "
-        "growth in place off. Applies to the next segment." + _RELOAD,
+        "Address space each shared-table segment reserves for its data to grow, and its "
+        "index to move, in place, without a rebuild that stops every write (sparse: no "
+        "memory until used). Reader processes map it too: under an address-space limit "
+        "(ulimit -v) lower it; 0 turns growth in place off. Applies to the next segment." + _RELOAD,
         "SIZE", default_help="twice --max-memory",
     ),
     OptionSpec("initial_capacity", _integer(1, 1 << 40), "Expected number of keys (pre-sizes the index).", "N"),
