@@ -25,15 +25,27 @@ def _set_version(name: str, version: int) -> None:
         shm.close_fd()
 
 
-def test_the_table_of_an_older_layout_is_retired_on_publish(namespace: str) -> None:
-    assert 1 in RETIRABLE_LAYOUT_VERSIONS and layout.LAYOUT_VERSION != 1
+def _clear_index_word(name: str) -> None:
+    shm = posix_ipc.SharedMemory(name)
+    try:
+        with mmap.mmap(shm.fd, shm.size) as mm:
+            mm[8 * layout.H_INDEX : 8 * layout.H_INDEX + 8] = bytes(8)
+    finally:
+        shm.close_fd()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_table_of_an_older_layout_is_retired_on_publish(namespace: str, version: int) -> None:
+    assert version in RETIRABLE_LAYOUT_VERSIONS and layout.LAYOUT_VERSION > version
     old = ShmTable.create(namespace, capacity=16)
     put(old, "k", b"old")
     old.publish()
     old_name = old.name
-    # What a layout-1 daemon left behind: its control segment and its table, version 1.
-    _set_version(layout.ctl_name(namespace), 1)
-    _set_version(old_name, 1)
+    # What a daemon of that layout left behind: its control segment and its table. Before
+    # layout 3 the header had no index word (offset 96 was reserved, zero).
+    _set_version(layout.ctl_name(namespace), version)
+    _set_version(old_name, version)
+    _clear_index_word(old_name)
     shm = posix_ipc.SharedMemory(old_name)
     reader_view = mmap.mmap(shm.fd, shm.size, prot=mmap.PROT_READ)  # an old reader's mapping
     shm.close_fd()
