@@ -411,3 +411,33 @@ def test_fill_index_refuses_a_bad_geometry_and_a_bad_slot() -> None:
     with pytest.raises(RuntimeError, match="too small"):
         extension.fill_index(buf, h0, 8, top - 8, 8, lo)
     q.release()
+
+
+def test_both_index_fills_overwrite_whatever_the_region_held() -> None:
+    """M1 must not trust the new index's words to be zero: both fills clear them first (a
+    leftover word would be a slot pointing at a chunk that may since hold another key)."""
+    from walcache.shm.writer import _fill_index
+
+    ns = unique_namespace("fz")
+    try:
+        t = ShmTable.create(ns, capacity=64, data_bytes=1 << 16, max_memory=1 << 22)
+        try:
+            for i in range(40):
+                t.put(encode_key(f"key-{i}"), 1, b"v" * i, i + 1, 0)
+            seg = t._seg
+            assert seg is not None
+            cap = seg.capacity * 2
+            clean, c_dirty, py_dirty = (seg.end_words - k * cap for k in (1, 2, 3))
+            for start in (c_dirty, py_dirty):  # every other word garbage (not EMPTY)
+                seg.q[start : start + cap] = memoryview((bytes(range(1, 9)) + bytes(8)) * (cap // 2)).cast("Q")
+            _fill_index(seg, clean, cap, compiled=False)
+            _fill_index(seg, c_dirty, cap, compiled=True)
+            _fill_index(seg, py_dirty, cap, compiled=False)
+            want = seg.q[clean : clean + cap].tolist()
+            assert want.count(0) == cap - 40
+            assert seg.q[c_dirty : c_dirty + cap].tolist() == want
+            assert seg.q[py_dirty : py_dirty + cap].tolist() == want
+        finally:
+            t.close(unlink=True)
+    finally:
+        unlink_all(ns)

@@ -13,8 +13,8 @@ Rewriting the same keys with values of the same size therefore never grows anyth
 When the bump area is exhausted and no chunk of the needed size is free, the writer
 rebuilds: a new segment, compacted (live entries copied back to back, tombstones and
 expired entries dropped), the same size if the live data then fills at most half of
-it, else doubled. A rebuild pauses this thread (every write) for O(live data): 23 ms
-for 100,000 keys of 100 B, 0.5 s for 150,000 keys of 4 KiB (bench/bench_rebuild.py);
+it, else doubled. A rebuild pauses this thread (every write) for O(live data): 26 ms
+for 100,000 keys of 100 B, 0.51 s for 150,000 keys of 4 KiB (bench/bench_rebuild.py);
 it never blocks a reader: readers keep the old, frozen mapping until they meet MOVED,
 then remap.
 
@@ -29,7 +29,8 @@ them, as always. Readers pay in address space: each maps the whole segment, rese
 included.
 
 Moving the index. When live + tombstone slots would pass MAX_LOAD of the capacity, the
-index needs more slots (doubling while live keys exceed MIN_LOAD of it). If the data
+index needs replacing: by one with more slots (doubling while live keys exceed MIN_LOAD
+of it), or as many when tombstones filled it. If the data
 area is not mostly dead, the writer moves the index instead of rebuilding (move_index,
 layout.py "Index moves"): a new index at the top of the reserve, below any earlier one,
 filled from the old one's slots (only 8-byte slots are rewritten and keys rehashed;
