@@ -99,9 +99,9 @@ SYNC_SAMPLES = 10_000
 POLICIES = ("always", "interval", "never")
 # Small extents: the fdatasync after an extent is added writes all its zeros (and the
 # new size) while every writer in its group waits. With 4 KiB values and 16 clients
-# (bench_put.py, alternating runs) 4 MiB extents gave put p99 9.1-11.5 ms and
-# 19.3-20.2k puts/s, 256 KiB gave 1.2-1.3 ms and 23.1-23.8k; 100-byte puts did not
-# change (an extent lasts 2,000 of them).
+# (bench_put.py, alternating runs, bench/results/extent-size-20261126/) 4 MiB extents
+# gave put p99 9.1-11.5 ms and 19.3-20.2k puts/s, 256 KiB gave 1.2-1.3 ms and
+# 23.1-23.8k; 100-byte puts did not change (an extent lasts 2,000 of them).
 EXTENT_BYTES = 256 << 10
 DEFAULT_SEGMENT_BYTES = 64 << 20
 _ZEROS = bytes(1 << 20)
