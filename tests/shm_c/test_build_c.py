@@ -240,6 +240,15 @@ OPS = st.lists(
 )
 
 
+def _apply(t: ShmTable, ops: list[tuple[str, int, int, int]]) -> None:
+    for seqno, (op, kid, vlen, expiry) in enumerate(ops, 1):
+        key = encode_key(f"key-{kid}")
+        if op == "put":
+            t.put(key, 1, bytes([kid]) * vlen, seqno, expiry)
+        else:
+            t.delete(key, seqno)
+
+
 def copies_both(
     ops: list[tuple[str, int, int, int]], grow: int, moved: bool = False
 ) -> tuple[bytes, bytes, tuple[int, int, int]]:
@@ -256,12 +265,7 @@ def copies_both(
         else:
             t = ShmTable.create(ns, capacity=64, data_bytes=1 << 16)
         try:
-            for seqno, (op, kid, vlen, expiry) in enumerate(ops, 1):
-                key = encode_key(f"key-{kid}")
-                if op == "put":
-                    t.put(key, 1, bytes([kid]) * vlen, seqno, expiry)
-                else:
-                    t.delete(key, seqno)
+            _apply(t, ops)
             old = t._seg
             assert old is not None
             for compiled in (True, False):
@@ -349,12 +353,7 @@ def test_compiled_and_pure_python_index_fills_are_identical(ops: list[tuple[str,
     try:
         t = ShmTable.create(ns, capacity=64, data_bytes=1 << 16, max_memory=1 << 22)
         try:
-            for seqno, (op, kid, vlen, expiry) in enumerate(ops, 1):
-                key = encode_key(f"key-{kid}")
-                if op == "put":
-                    t.put(key, 1, bytes([kid]) * vlen, seqno, expiry)
-                else:
-                    t.delete(key, seqno)
+            _apply(t, ops)
             seg = t._seg
             assert seg is not None
             cap = seg.capacity * grow
