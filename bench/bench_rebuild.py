@@ -75,9 +75,8 @@ def _timed_move(keys: int, value: bytes, compiled: bool) -> tuple[float, int, in
         try:
             table.publish()
             before = table.stats()["capacity"]
-            table.compiled_index = compiled
             t0 = time.perf_counter()
-            moved = table._move_index(extra_keys=len(table))
+            moved = table._move_index(extra_keys=len(table), compiled=compiled)
             seconds = time.perf_counter() - t0
             assert moved and table.stats()["rebuilds"] == 0, "the index did not move"
             return seconds, before, table.stats()["capacity"]

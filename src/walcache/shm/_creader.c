@@ -2063,11 +2063,39 @@ build_fill(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                          (unsigned long long)max_seqno);
 }
 
+/* The writer-side calls below take buffers first, then unsigned integers: check the
+ * count (TypeError with ``usage``) and convert args[first..nargs) into u. 0 or -1. */
+static int
+u64_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, Py_ssize_t first, unsigned long long *u,
+         const char *usage)
+{
+    if (nargs != want) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    for (Py_ssize_t j = first; j < want; j++) {
+        u[j - first] = PyLong_AsUnsignedLongLong(args[j]);
+        if (u[j - first] == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+/* Linear probing into an index that has an EMPTY slot and no copy of this key. */
+static inline void
+place_slot(uint64_t *S, uint64_t mask, uint64_t h, uint64_t x)
+{
+    uint64_t j = h & mask;
+    while (S[j] != SLOT_EMPTY)
+        j = (j + 1) & mask;
+    S[j] = x;
+}
+
 /* Growing or compacting the table (writer.py ShmTable._copy_live): copy every live,
  * unexpired record of the current segment into a new, unpublished one. The pure-Python
  * _copy_live is the reference; this does the same, byte for byte: walk the old index
- * (old_capacity slots at word old_slot0: it may have moved) in slot order, skip EMPTY and TOMBSTONE slots and records whose expiry has passed, copy
- * each chunk whole (header, key, value, padding) to the new bump pointer with its seq
+ * (old_capacity slots at word old_slot0: it may have moved) in slot order, skip EMPTY
+ * and TOMBSTONE slots and records whose expiry has passed, copy each chunk whole (header, key, value, padding) to the new bump pointer with its seq
  * word set to 0, and place its slot by linear probing from XXH64(key) & (new capacity - 1)
  * with the fingerprint of the old slot. The old segment is only written by the caller's
  * thread (the daemon's loop, which is in this call) and nobody maps the new one yet, so
@@ -2078,17 +2106,10 @@ build_fill(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 copy_live(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError,
-                        "copy_live(old, new, old_slot0, old_capacity, old_lo, new_capacity, new_top, now_ms)");
-        return NULL;
-    }
     unsigned long long u[6];
-    for (int j = 0; j < 6; j++) {
-        u[j] = PyLong_AsUnsignedLongLong(args[2 + j]);
-        if (u[j] == (unsigned long long)-1 && PyErr_Occurred())
-            return NULL;
-    }
+    if (u64_args(args, nargs, 8, 2, u,
+                 "copy_live(old, new, old_slot0, old_capacity, old_lo, new_capacity, new_top, now_ms)") < 0)
+        return NULL;
     const uint64_t oslot0 = u[0], ocap = u[1], olo = u[2], ncap = u[3], now = u[5];
     uint64_t top = u[4];
     Py_buffer ov, nv;
@@ -2140,10 +2161,8 @@ copy_live(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         }
         memcpy(NQ + top, OQ + w, (size_t)nw * 8);
         NQ[top + R_SEQ] = 0;
-        uint64_t j = xxh64((const uint8_t *)(OQ + w + REC_HEADER_WORDS), (size_t)klen, 0) & nmask;
-        while (NS[j] != SLOT_EMPTY)
-            j = (j + 1) & nmask;
-        NS[j] = (x & FP_MASK) | top;
+        place_slot(NS, nmask, xxh64((const uint8_t *)(OQ + w + REC_HEADER_WORDS), (size_t)klen, 0),
+                   (x & FP_MASK) | top);
         top += nw;
         live++;
         live_words += nw;
@@ -2168,16 +2187,9 @@ copy_live(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 fill_index(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "fill_index(buf, old_slot0, old_capacity, new_slot0, new_capacity, lo)");
-        return NULL;
-    }
     unsigned long long u[5];
-    for (int j = 0; j < 5; j++) {
-        u[j] = PyLong_AsUnsignedLongLong(args[1 + j]);
-        if (u[j] == (unsigned long long)-1 && PyErr_Occurred())
-            return NULL;
-    }
+    if (u64_args(args, nargs, 6, 1, u, "fill_index(buf, old_slot0, old_capacity, new_slot0, new_capacity, lo)") < 0)
+        return NULL;
     const uint64_t oslot0 = u[0], ocap = u[1], nslot0 = u[2], ncap = u[3], lo = u[4];
     Py_buffer v;
     if (PyObject_GetBuffer(args[0], &v, PyBUF_WRITABLE) < 0)
@@ -2220,10 +2232,7 @@ fill_index(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             bad = "the new index is too small for the live slots";
             break;
         }
-        uint64_t j = xxh64((const uint8_t *)(Q + w + REC_HEADER_WORDS), (size_t)klen, 0) & nmask;
-        while (NS[j] != SLOT_EMPTY)
-            j = (j + 1) & nmask;
-        NS[j] = x;
+        place_slot(NS, nmask, xxh64((const uint8_t *)(Q + w + REC_HEADER_WORDS), (size_t)klen, 0), x);
         placed++;
     }
     Py_END_ALLOW_THREADS

@@ -190,10 +190,9 @@ class _Segment:
         self.slots = self.q[self.slot0 : self.slot0 + capacity]
         self.lo = data_off // 8
         self.top = self.lo  # bump pointer (word index)
-        # The data area's hard end: the segment's end, then the lowest moved index.
+        # The data area's hard end: the segment's end, then the lowest moved index (moved
+        # indexes lie back to back from there to the segment's end).
         self.end_words = self.size // 8
-        self.index_bytes = 0  # committed for moved indexes (the current one and retired ones)
-        self.retired_index_words = 0  # indexes an index move retired: dead until a rebuild
         # The bump area in use ends here; past it up to end_words is reserve (sparse: no
         # memory until used), which ShmTable.grow_in_place hands out instead of a rebuild.
         self.limit = self.end_words if data_bytes is None else min(self.end_words, self.lo + data_bytes // 8)
@@ -203,6 +202,19 @@ class _Segment:
     @property
     def data_words(self) -> int:
         return self.limit - self.lo
+
+    @property
+    def moved_index_words(self) -> int:
+        """Words of the moved indexes, the current one included if it moved (committed)."""
+        return self.size // 8 - self.end_words
+
+    @property
+    def retired_index_words(self) -> int:
+        """Words of the indexes an index move retired: dead until a rebuild. The first
+        index lies between the header and the data area."""
+        if self.slot0 == HEADER_SIZE // 8:
+            return 0
+        return (self.lo - HEADER_SIZE // 8) + self.moved_index_words - self.capacity
 
     def alloc(self, nw: int) -> int:
         """Word index of a free chunk of ``nw`` words, or 0 when the segment is full."""
@@ -296,7 +308,6 @@ class ShmTable:
         self.last_rebuild: dict[str, Any] | None = None
         self.growths_in_place = 0  # data-area growths that needed no rebuild
         self.index_moves = 0  # index growths that needed no rebuild
-        self.compiled_index: bool | None = None  # fill moved indexes as _builder(this) says (tests)
         self.last_index_move: dict[str, Any] | None = None
 
     # -- construction -------------------------------------------------------------------
@@ -761,8 +772,8 @@ class ShmTable:
             "unallocated_bytes": (seg.limit - seg.top) << 3,
             "reserve_bytes": (seg.end_words - seg.limit) << 3,
             # A data commit rounded up before a move may reach into the moved indexes.
-            "committed_bytes": min(seg.committed, seg.end_words << 3) + seg.index_bytes,
-            "index_bytes": seg.index_bytes,
+            "committed_bytes": min(seg.committed, seg.end_words << 3) + (seg.moved_index_words << 3),
+            "index_bytes": seg.moved_index_words << 3,
             "retired_index_bytes": seg.retired_index_words << 3,
             "applied_seqno": self._applied,
             "rebuilds": self.rebuilds,
@@ -929,7 +940,7 @@ class ShmTable:
         dead = (seg.top - seg.lo) - self._live_words + seg.retired_index_words + retiring
         return dead > seg.data_words // 4
 
-    def _move_index(self, extra_keys: int) -> bool:
+    def _move_index(self, extra_keys: int, compiled: bool | None = None) -> bool:
         """Room for ``extra_keys`` more keys in a new index without a rebuild (layout.py
         "Index moves"); False when a rebuild must run instead: the data area is mostly
         dead, or the reserve has no room for the new index.
@@ -937,6 +948,7 @@ class ShmTable:
         The new index takes the top of the reserve, below any earlier one, so it never
         overlaps the data area's bump range and its words were never written. Every
         write waits while it is filled: O(slots) with keys rehashed, the records stay.
+        ``compiled`` picks the fill (see _fill_index).
         """
         seg = self._seg
         assert seg is not None
@@ -957,30 +969,31 @@ class ShmTable:
                 f"cannot commit {capacity << 3} bytes of shared memory for a larger index of {seg.name} "
                 f"({exc.strerror}): /dev/shm is full or limited; free space there or lower --max-memory"
             ) from exc
-        _fill_index(seg, slot0, capacity, self.compiled_index)  # M1
+        _fill_index(seg, slot0, capacity, compiled)  # M1
         seg.q[H_INDEX] = index_word(slot0, capacity)  # M2
         _store_moved(seg.slots)  # M3
         old_capacity = seg.capacity
-        seg.retired_index_words += old_capacity
         seg.slots.release()
         seg.slots = seg.q[slot0 : slot0 + capacity]
         seg.slot0, seg.capacity, seg.mask = slot0, capacity, capacity - 1
         seg.end_words = slot0
         seg.limit = min(seg.limit, slot0)
-        seg.index_bytes += capacity << 3
         self._tombstones = 0
         self._store_counts(seg)
-        ms = (time.perf_counter() - t0) * 1e3
         self.index_moves += 1
-        self.last_index_move = {
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "ms": round(ms, 1), "live_keys": self._live,
-            "slots": capacity,
-        }  # fmt: skip
+        self.last_index_move = self._pause(t0, capacity)
+        ms = self.last_index_move["ms"]
         log.info(
             "moved shm index in %.1f ms (no rebuild): %d -> %d slots, %d live keys (%s)",
             ms, old_capacity, capacity, self._live, seg.name,
         )  # fmt: skip
         return True
+
+    def _pause(self, t0: float, slots: int, **more: int) -> dict[str, Any]:
+        """What stats report of a rebuild or an index move that started at ``t0``."""
+        ms = round((time.perf_counter() - t0) * 1e3, 1)
+        when = time.strftime("%Y-%m-%dT%H:%M:%S")
+        return {"when": when, "ms": ms, "live_keys": self._live, "slots": slots, **more}
 
     def _alloc_grown(self, nw: int) -> int:
         """seg.alloc after growing in place; 0 when a rebuild is needed instead."""
@@ -1016,12 +1029,9 @@ class ShmTable:
         else:
             _unlink(old.name)
         old.close()
-        ms = (time.perf_counter() - t0) * 1e3
         self.rebuilds += 1
-        self.last_rebuild = {
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "ms": round(ms, 1), "live_keys": self._live,
-            "slots": new.capacity, "data_bytes": new.data_words << 3,
-        }  # fmt: skip
+        self.last_rebuild = self._pause(t0, new.capacity, data_bytes=new.data_words << 3)
+        ms = self.last_rebuild["ms"]
         # Every write waited this long: the figure an operator needs to size the table up front.
         log.info(
             "rebuilt shm table in %.0f ms: %d -> %d slots, %d -> %d data bytes, %d live keys (%s -> %s)",
@@ -1196,10 +1206,10 @@ def _every_index(hdr: tuple[Any, ...], size: int) -> list[tuple[int, int]]:
     magic, version, _, _, seg_bytes, capacity, index_off, data_off = hdr[:8]
     if magic != DATA_MAGIC or version not in RETIRABLE_LAYOUT_VERSIONS or seg_bytes != size:
         return []
-    first = index_geometry(index_word(HEADER_SIZE // 8, capacity), size) if capacity > 0 else None
-    if index_off != HEADER_SIZE or first is None or first[1] != capacity:
+    first_end = HEADER_SIZE // 8 + capacity
+    if index_off != HEADER_SIZE or capacity < MIN_CAPACITY or capacity & (capacity - 1) or first_end * 8 > size:
         return []
-    ranges = [(first[0], first[0] + capacity)]
+    ranges = [(HEADER_SIZE // 8, first_end)]
     if version >= 3:  # the index may have moved (layouts 1 and 2: the first one, always)
         current = index_geometry(hdr[12], size)
         if current is None:
