@@ -33,6 +33,9 @@ PEER_IDS = [
 ]
 # Installing missing packages (apt, pip) is part of the command on a new machine.
 TIMEOUT_S = 1200
+# A third-party peer may be skipped (its package did not install here); ours never:
+# a walcache peer whose cells all fail is reported as skipped ("failed during the run").
+OURS = ("walcache-always", "walcache-interval")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +85,8 @@ def test_every_peer_is_measured_or_skipped_with_a_reason(quick_run: dict[str, An
         assert pe["durability"].startswith(pe["survives_power_loss"] + ":"), pe
         if pe["status"] == "skipped":
             assert pe.get("reason", "").strip(), f"{pid} skipped without a reason"
+    for pid in OURS:
+        assert by_id[pid]["status"] == "measured", by_id[pid]
     # What each setting is honestly worth, as the issue states it.
     expect = {"walcache-always": "yes", "redis-always": "yes", "redis-everysec": "no", "memcached": "no",
               "diskcache": "no", "lmdb": "yes", "sqlite-full": "yes", "walcache-interval": "no"}  # fmt: skip
@@ -104,7 +109,6 @@ def test_every_measured_cell_is_present_with_positive_numbers(quick_run: dict[st
                     assert r["status"] == "ok", (pid, w, vs, nc, r.get("error"))
                     assert r["ops_per_s"] > 0 and r["total_ops"] > 0 and r["wall_s"] > 0
                     assert r["other_cpu_percent"] is None or 0 <= r["other_cpu_percent"] <= 100
-                    assert r["settle_s"] >= 0
                     assert r["ops_per_s_per_client"] == pytest.approx(r["ops_per_s"] / nc, rel=0.01, abs=0.1)
                     # Every read must find its key: a miss means the store lost loaded data.
                     assert r["misses"] == 0, (pid, w, vs, nc)
@@ -130,7 +134,7 @@ def test_restart_rows_are_measured_and_lose_nothing_or_skipped(quick_run: dict[s
     rows = {r["peer"]: r for r in doc["restart"]}
     assert sorted(rows) == ["redis-always", "walcache-always"]
     for pid, r in rows.items():
-        if r["status"] == "skipped":
+        if r["status"] == "skipped" and pid not in OURS:
             assert r["reason"].strip(), pid
             continue
         assert r["status"] == "ok", (pid, r.get("error"))
@@ -189,9 +193,8 @@ def test_png_is_a_real_image(quick_run: dict[str, Any]) -> None:
 def test_every_started_process_is_gone(quick_run: dict[str, Any]) -> None:
     procs = quick_run["doc"]["processes"]
     assert procs["still_running"] == []
-    measured = {pe["id"] for pe in quick_run["doc"]["peers"] if pe["status"] == "measured"}
-    if measured & {"redis-always", "redis-everysec", "memcached", "walcache-always", "walcache-interval"}:
-        assert procs["server_pids"]
+    # The walcache peers are always measured (above), each with its daemon.
+    assert procs["server_pids"]
     assert procs["client_pids"]
     for pid in procs["server_pids"] + procs["client_pids"]:
         with pytest.raises(ProcessLookupError):

@@ -13,14 +13,19 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from walcache_testing import unlink_segments
 
+import walcache
 from walcache.config import SERVE_OPTIONS, add_serve_arguments
+from walcache.paths import shm_namespace
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 TEMPLATE = UNITS / "walcache@.service"
@@ -34,6 +39,14 @@ needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is n
 SYSUSERS_BIN = shutil.which("systemd-sysusers")
 
 Unit = dict[str, dict[str, list[str]]]
+
+
+@pytest.mark.skipif(os.environ.get("WALCACHE_REQUIRE_SYSTEMD") != "1", reason="WALCACHE_REQUIRE_SYSTEMD=1 is not set")
+def test_the_tools_these_tests_need_are_here_when_ci_requires_them() -> None:
+    """CI sets WALCACHE_REQUIRE_SYSTEMD=1 (its base image has them): there a missing tool must
+    fail the run, not skip the unit checks below."""
+    missing = [t for t in ("systemd-analyze", "systemd-sysusers", "strace") if shutil.which(t) is None]
+    assert not missing, f"not installed: {missing}"
 
 
 def parse_unit(text: str) -> Unit:
@@ -302,16 +315,71 @@ def expand_syscall_set(name: str, cache: dict[str, set[str]]) -> set[str]:
     return cache[name]
 
 
-@needs_analyze
-def test_seccomp_filter_allows_every_syscall_the_daemon_makes(template: Unit) -> None:
+def allowed_syscalls(unit: Unit) -> set[str]:
+    """The syscalls the unit's SystemCallFilter= lines allow."""
     # Later SystemCallFilter= lines add to (or with ~ remove from) the allowlist the first one starts.
     cache: dict[str, set[str]] = {}
     allowed: set[str] = set()
-    lines = template["Service"]["SystemCallFilter"]
+    lines = unit["Service"]["SystemCallFilter"]
     assert not lines[0].startswith("~"), "the first filter line must be an allowlist"
     for line in lines:
         deny = line.startswith("~")
         names = set().union(*(expand_syscall_set(n, cache) for n in line.lstrip("~").split()))
         allowed = allowed - names if deny else allowed | names
+    return allowed
+
+
+@needs_analyze
+def test_seccomp_filter_allows_every_syscall_the_daemon_makes(template: Unit) -> None:
+    allowed = allowed_syscalls(template)
     assert sorted(set(DAEMON_SYSCALLS) - allowed) == []
     assert "chroot" not in allowed and "setuid" not in allowed  # still no privileged calls
+
+
+@needs_analyze
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed on this machine")
+def test_seccomp_filter_allows_what_a_real_daemon_session_calls(template: Unit, tmp_path: Path) -> None:
+    """The list above is what we think the daemon calls; strace says what it does call.
+
+    A session under ``strace -f``: start-up and recovery, every operation, a compaction
+    (the compactor process too: the filter applies to it as well), SIGTERM.
+    """
+    data, sock, trace = tmp_path / "d", tmp_path / "walcache.sock", tmp_path / "strace.txt"
+    cmd = ["strace", "-f", "-c", "-o", str(trace), sys.executable, "-m", "walcache", "serve",
+           "--data-dir", str(data), "--socket", str(sock)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    namespace = shm_namespace(data)
+    try:
+        c = _connect_when_up(sock, data, proc)
+        with c:
+            c.put("k", "v", ttl=60)
+            c.put_many({"a": 1, "b": b"2"})
+            assert c.get("k") == "v" and c.get_many(["a", "b"]) == {"a": 1, "b": b"2"}
+            c.delete("a")
+            c.delete_many(["b"])
+            assert c.compact()["status"] == "done"
+            pid = c.stats()["pid"]
+        os.kill(pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        unlink_segments(namespace)
+    # strace -c: a table whose last column is the syscall's name, closed by a "total" row.
+    called = {line.split()[-1] for line in trace.read_text().splitlines()
+              if re.match(r"\s*[0-9.]+\s+[0-9.]+\s+\d+", line) and line.split()[-1] != "total"}  # fmt: skip
+    assert {"fdatasync", "accept4", "epoll_wait", "mmap"} <= called, sorted(called)  # it did trace the daemon
+    assert sorted(called - allowed_syscalls(template)) == []
+
+
+def _connect_when_up(sock: Path, data: Path, proc: subprocess.Popen[bytes]) -> walcache.Client:
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise AssertionError(f"the daemon exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        try:
+            return walcache.Client(sock, data_dir=data)
+        except (walcache.DaemonUnavailable, walcache.TableUnavailable):  # not up yet
+            time.sleep(0.1)
+    raise AssertionError("the daemon under strace did not answer within 60 s")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import posix_ipc
+import psutil
 
 import walcache
 from walcache.paths import shm_namespace
@@ -108,6 +109,23 @@ class DaemonProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def compactors(self) -> list[psutil.Process]:
+        """The compactor processes this daemon runs now (its children)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        try:
+            kids = psutil.Process(self.proc.pid).children()
+        except psutil.Error:
+            return []
+        out = []
+        for p in kids:
+            try:
+                if "walcache.daemon.compaction" in " ".join(p.cmdline()):
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-4000:]
@@ -132,7 +150,13 @@ class Workspace:
 
     def cleanup(self) -> None:
         for d in self.daemons:
+            compactors = d.compactors()  # a daemon killed below would leave them running
             d.stop()
             d.kill()
+            for p in compactors:
+                try:
+                    p.kill()  # psutil checks it is still the same process
+                except psutil.Error:
+                    pass
             unlink_segments(d.namespace)
         shutil.rmtree(self.root, ignore_errors=True)

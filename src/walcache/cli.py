@@ -1,8 +1,10 @@
 """The ``walcache`` command line (also ``python -m walcache``).
 
-Exit status: 0 success, 1 key not found (get, delete), 2 usage or
-configuration error, 3 no daemon answers, 4 any other walcache error
-(including a corrupt log found by check-log).
+Exit status: 0 success; 1 key not found (get, delete), or for serve, the daemon
+stopped because its log failed (the next start recovers); 2 usage or
+configuration error; 3 no daemon at the socket (nothing listens, or it refused
+the connection); 4 any other walcache error (a daemon that did not answer within
+--timeout, a corrupt log found by check-log).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("put", help="store a value (durable when this returns)")
     _add_key(p)
     p.add_argument("value", help="the value (a str; '-' reads stdin as bytes)")
-    p.add_argument("--json", action="store_true", help="parse VALUE as JSON")
+    p.add_argument("--json", action="store_true", help="parse VALUE (or stdin, with '-') as JSON")
     p.add_argument("--ttl", type=float, help="expire after this many seconds")
     _add_client_options(p)
 
@@ -226,15 +228,15 @@ def _run(args: argparse.Namespace, seams: dict[str, Any]) -> int:
                 return EXIT_MISSING
             _print_value(value, args.json)
         elif cmd == "put":
-            if args.value == "-":
-                value = sys.stdin.buffer.read()
-            elif args.json:
+            raw: str | bytes = sys.stdin.buffer.read() if args.value == "-" else args.value
+            if args.json:
                 try:
-                    value = json.loads(args.value)
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"VALUE is not JSON: {exc}") from None
+                    value = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    what = "stdin" if args.value == "-" else "VALUE"
+                    raise ConfigError(f"{what} is not JSON: {exc}") from None
             else:
-                value = args.value
+                value = raw
             c.put(_key(args), value, ttl=args.ttl)
         elif cmd == "delete":
             if not c.delete(_key(args)):

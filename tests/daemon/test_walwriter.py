@@ -51,21 +51,33 @@ def test_policy_never_leaves_syncing_to_the_os_until_close(tmp_path: Path) -> No
     assert fo.fsyncs == syncs + 2 and fo.synced_length(tmp_path / segment_name(1)) > 0
 
 
+class _Clock:
+    """A monotonic clock the test moves (the writer's ``clock=`` seam)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_policy_interval_syncs_once_the_interval_has_passed(tmp_path: Path) -> None:
     fo = FaultyFileOps()
-    writer, _, _ = recover(tmp_path, fileops=fo, policy="interval", interval_ms=50)
+    clock = _Clock()
+    writer, _, _ = recover(tmp_path, fileops=fo, policy="interval", interval_ms=50, clock=clock)
     syncs = fo.fsyncs
     writer.append(writer.encode(_put(1))[1])
     writer.append(writer.encode(_put(2))[1])
     assert fo.fsyncs == syncs  # interval not yet over
+    clock.now += 0.049
     writer.sync_if_due()
     assert fo.fsyncs == syncs
-    time.sleep(0.08)
+    clock.now += 0.002
     writer.sync_if_due()
     assert fo.fsyncs == syncs + 1 and writer.durable_seqno == 2
+    clock.now += 1.0
     writer.sync_if_due()  # nothing new: no sync
     assert fo.fsyncs == syncs + 1
-    time.sleep(0.08)
     writer.append(writer.encode(_put(3))[1])  # due at append time: synced right there
     assert fo.fsyncs == syncs + 2 and writer.durable_seqno == 3
     writer.close()
@@ -223,9 +235,10 @@ def test_interval_no_write_waits_much_more_than_the_interval(tmp_path: Path) -> 
     """--fsync interval through the daemon's flusher thread: a write made just after a sync and
     followed by another one before the interval ends is synced when the interval ends.
     The flusher used to restart a whole interval's wait at every append, which made the first
-    write wait almost twice the interval (about 1.9 s here)."""
+    write wait almost twice the interval (about 1.9 s)."""
     fo = FaultyFileOps()
-    writer, _, _ = recover(tmp_path, fileops=fo, policy="interval", interval_ms=1000)
+    clock = _Clock()
+    writer, _, _ = recover(tmp_path, fileops=fo, policy="interval", interval_ms=1000, clock=clock)
     wake_r, wake_w = os.pipe()
     flusher = _Flusher(writer, wake_w, 1.0)
     flusher.start()
@@ -236,23 +249,27 @@ def test_interval_no_write_waits_much_more_than_the_interval(tmp_path: Path) -> 
             time.sleep(0.001)
         assert flusher.done.popleft()[0] is None
 
-    def synced_through(seqno: int) -> float:
+    def synced_through(seqno: int) -> None:
+        flusher.submit_records([])  # wakes the flusher, which syncs what is due
         deadline = time.monotonic() + 10
         while writer.durable_seqno < seqno and time.monotonic() < deadline:
             time.sleep(0.001)
         assert writer.durable_seqno >= seqno, "no fdatasync within 10 s"
-        return time.monotonic()
 
     try:
         syncs = writer.syncs
+        assert flusher.idle_timeout() == 1.0  # nothing unsynced: an interval
         put(1)
-        base = synced_through(1)  # a sync just happened: the next one is due base + 1 s
+        clock.now += 1.0
+        synced_through(1)  # a timed sync: the next one is due a second from now
         put(2)
-        time.sleep(max(0.0, base + 0.8 - time.monotonic()))
+        clock.now += 0.8
         put(3)
         assert writer.durable_seqno == 1  # not due yet: nothing synced at append time
-        took = synced_through(3) - base
-        assert took < 1.45, f"the write after a sync waited {took:.2f} s for its fdatasync (interval 1 s)"
+        # The flusher sleeps until put(2) is due, not a whole interval after put(3).
+        assert flusher.idle_timeout() == pytest.approx(0.2)
+        clock.now += 0.2
+        synced_through(3)
         # Both were timed syncs: the daemon's fsync percentiles (stats) count them.
         assert len(writer.sync_latencies) == writer.syncs - syncs == 2
     finally:

@@ -60,18 +60,7 @@ def live_log_bytes(model: dict[Any, Any]) -> int:
 
 
 def compactor_pids(daemon: DaemonProcess) -> list[int]:
-    try:
-        kids = psutil.Process(daemon.pid).children()
-    except psutil.Error:
-        return []
-    out = []
-    for p in kids:
-        try:
-            if "walcache.daemon.compaction" in " ".join(p.cmdline()):
-                out.append(p.pid)
-        except psutil.Error:
-            pass
-    return out
+    return [p.pid for p in daemon.compactors()]
 
 
 def _running(pid: int) -> bool:
@@ -290,8 +279,9 @@ def _writer(wid: int, sock: str, seed: int, pause: Any, stop: Any, out: Any) -> 
             else:
                 c.put(key, value)
         except walcache.WalcacheError as exc:
-            if not isinstance(exc, (walcache.DaemonUnavailable, walcache.WalcacheTimeout, walcache.ServerError,
-                                    walcache.TableUnavailable)):
+            # The daemon was killed (or is starting): the write may or may not have landed.
+            # Anything else (a ServerError is the daemon's catch-all for its own bugs) fails.
+            if not isinstance(exc, (walcache.DaemonUnavailable, walcache.WalcacheTimeout)):
                 out.put((wid, f"unexpected {type(exc).__name__}: {exc}"))
                 raise
             allowed[key] = allowed.get(key, [None]) + [value]  # in flight: either outcome

@@ -175,7 +175,8 @@ def test_index_growth_moves_readers_to_a_new_segment(table: ShmTable, reader: Sh
     assert int(st["capacity"]) > capacity
     # The pause every write waited through is counted and described for `walcache status`.
     last = st["last_rebuild"]
-    assert st["rebuilds"] >= 1 and last["slots"] == st["capacity"] and last["ms"] >= 0
+    assert st["rebuilds"] >= 1 and last["slots"] == st["capacity"]
+    assert isinstance(last["ms"], float) and last["ms"] >= 0  # rounded to 0.1 ms: may read 0.0
     assert last["live_keys"] <= st["live"] and last["when"]
     assert "/" + old.lstrip("/") not in segments_of(table.namespace)  # old name unlinked
     # The reader still holds the old mapping: stale, but whole.

@@ -105,16 +105,25 @@ def test_threads_sharing_a_reader_keep_reading_while_it_remaps(namespace: str, g
         except Exception as exc:
             errors.append(f"thread {tid}: {type(exc).__name__}: {exc}")
 
+    hot_keys = {encode_key(b"hot-%d" % i): i for i in range(HOT)}
+    fill = encode_key(b"fill-")
+
     def inspector() -> None:
         try:
             while time.monotonic() < deadline:
-                assert len(r) >= 0
-                assert r.header()["reader"] == "c"
-                for _ in zip(range(50), r.iter_entries()):
-                    pass
+                try:
+                    assert len(r) >= HOT  # every table the writer publishes holds the hot keys
+                    assert r.header()["reader"] == "c"
+                    for _, (key, _vflag, value, _seqno, _exp) in zip(range(50), r.iter_entries()):
+                        if key in hot_keys:
+                            err = check_value(hot_keys[key], value)
+                        else:
+                            err = "" if key.startswith(fill) and value == b"x" * 24 else "unknown entry"
+                        if err:
+                            errors.append(f"inspector, key {key!r}: {err}")
+                except ReadContention:
+                    continue
                 reads[4] += 1
-        except ReadContention:
-            pass
         except Exception as exc:
             errors.append(f"inspector: {type(exc).__name__}: {exc}")
 
@@ -132,4 +141,5 @@ def test_threads_sharing_a_reader_keep_reading_while_it_remaps(namespace: str, g
     r.close()
     assert not errors, errors[:10]
     assert all(n > 100 for n in reads[:4]), reads
+    assert reads[4] > 100, reads  # the inspector's scans ran, during the remaps
     assert remaps >= 3, f"the table hardly moved ({remaps} remaps): the test did not test remapping"

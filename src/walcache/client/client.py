@@ -1,7 +1,9 @@
 """The walcache client: reads from shared memory, mutations over the socket.
 
-``Client.get`` never talks to the daemon: it reads the shared table directly
-(walcache.shm.reader). ``put``/``delete`` and the batch calls send one request
+``Client.get`` reads the shared table directly (walcache.shm.reader); it asks
+the daemon only where lock-free reads are not safe (no x86-64 ordering and no
+compiled reader), after a key's seqlock stayed contended through every retry, or
+when the table cannot be read. ``put``/``delete`` and the batch calls send one request
 each and return once the daemon has logged (and, under ``--fsync always``,
 synced) the mutation and published it, so the next ``get`` of the same process
 sees it.
@@ -317,15 +319,20 @@ class Client(MutableMapping[Key, Any]):
     def __contains__(self, key: object) -> bool:
         return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
 
+    def _open_reader_or_raise(self) -> Reader:
+        reader = self._reader
+        if reader is None:  # only close() sets it back to None
+            raise WalcacheError("this Client is closed")
+        return reader
+
     def __len__(self) -> int:
-        assert self._reader is not None
-        return len(self._reader)
+        return len(self._open_reader_or_raise())
 
     def __iter__(self) -> Iterator[Key]:
         """The keys present now (a best-effort snapshot of a table that may change)."""
-        assert self._reader is not None
+        reader = self._open_reader_or_raise()
         now = time.time_ns() // 1_000_000
-        for kb, _vflag, _value, _seqno, expiry in self._reader.iter_entries():
+        for kb, _vflag, _value, _seqno, expiry in reader.iter_entries():
             if not expiry or expiry > now:
                 yield decode_key(kb)
 

@@ -453,6 +453,7 @@ def open_log(
     interval_ms: int = 1000,
     segment_bytes: int = DEFAULT_SEGMENT_BYTES,
     compactor_wait: float = 30.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[WalWriter, RecoveryReport]:
     """Replay the log in ``data_dir`` through ``apply_fn(seqno, ops)``; return a writer after it.
 
@@ -528,6 +529,7 @@ def open_log(
     writer = WalWriter(
         data_dir, fo, fd=fd, path=path, segno=segno, salt=salt, offset=offset, file_size=file_size,
         last_seqno=last, policy=policy, interval_ms=interval_ms, segment_bytes=segment_bytes,
+        clock=clock,
     )
     report.seconds = time.perf_counter() - t0
     snap = report.snapshot

@@ -227,6 +227,19 @@ class _Flusher(threading.Thread):
         if self.loop_waiting:
             os.write(self.wake_fd, what)
 
+    def idle_timeout(self) -> float:
+        """Seconds to sleep with no job (-1: until one comes).
+
+        --fsync interval: until the unsynced writes are due, not a whole interval
+        after the last append (a write would then wait up to twice the interval);
+        with nothing unsynced, an interval (the loop thread may append meanwhile,
+        without ringing the bell).
+        """
+        if self.interval_s is None:
+            return -1.0
+        due_in = self.writer.sync_due_in()
+        return self.interval_s if due_in is None else due_in
+
     def run(self) -> None:
         jobs = self.jobs
         writer = self.writer
@@ -241,17 +254,9 @@ class _Flusher(threading.Thread):
                     os.write(self.wake_fd, b"f")
                     return
             if not jobs:
-                # --fsync interval: sleep until the unsynced writes are due, not a whole
-                # interval after the last append (a write would then wait up to twice the
-                # interval); with nothing unsynced, an interval (the loop thread may append
-                # meanwhile, without ringing the bell).
-                timeout = -1.0
-                if self.interval_s is not None:
-                    due_in = writer.sync_due_in()
-                    timeout = self.interval_s if due_in is None else due_in
                 # Woken by a job, or when the writes are due (the timed sync is above). A
                 # spurious wake-up (a release for a job already taken) only loops once more.
-                self._bell.acquire(timeout=timeout)
+                self._bell.acquire(timeout=self.idle_timeout())
                 continue
             if type(jobs[0]) is bytes:
                 # Group commit: every record handed over while the previous group was
@@ -487,7 +492,13 @@ class Daemon:
         wd = notify.watchdog_interval()
         tick = min(1.0, wd) if wd else 1.0
         notify.ready(self._status_line())
-        log.info("ready: pid %d, fsync %s, %d keys", os.getpid(), self.cfg.fsync, len(self.table))
+        log.info(
+            "ready: pid %d, fsync %s, %d keys%s",
+            os.getpid(),
+            self.cfg.fsync,
+            len(self.table),
+            f", watchdog ping every {tick:g} s" if wd else "",
+        )
         next_tick = time.monotonic() + tick
         flusher = self.flusher
         select = self.sel.select
@@ -1535,10 +1546,14 @@ def _percentile_us(sorted_seconds: list[float], p: float) -> float:
 
 
 def _log_bytes(data_dir: Path) -> int:
-    """Bytes of log files (segments and snapshots) in the data dir."""
+    """Bytes of log files (segments and snapshots) in the data dir.
+
+    Only names the log owns: ``walcache.log`` (the text log of a daemon that
+    ``walcache.connect`` started) is no part of it.
+    """
     total = 0
     for entry in os.scandir(data_dir):
-        if entry.name.endswith((".log", ".snap")):
+        if parse_segment_name(entry.name) is not None or parse_snapshot_name(entry.name) is not None:
             try:
                 if entry.is_file():
                     total += entry.stat().st_size

@@ -75,7 +75,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import ConfigError, LogFailed, StorageError
@@ -154,8 +154,11 @@ class WalWriter:
         policy: str = "always",
         interval_ms: int = 1000,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.check_config(policy, interval_ms, segment_bytes)
+        # Seconds, for the interval policy and the sync latencies (tests pass a fake one).
+        self.clock = clock
         self.data_dir = data_dir
         self.fileops = fileops
         self.policy = policy
@@ -183,7 +186,7 @@ class WalWriter:
         self._fd = fd
         self._file_size = file_size
         self._dirty = False  # bytes written since the last good fdatasync
-        self._last_sync = time.monotonic()
+        self._last_sync = self.clock()
         self._lock = threading.Lock()
         self._failure: LogFailed | None = None
         # --fsync interval in the daemon: appends never sync; the timed syncs are
@@ -280,7 +283,7 @@ class WalWriter:
             if not self.sync_in_background:
                 self._sync_locked()
                 return
-            fd, target, t0 = self._fd, self.written_seqno, time.monotonic()
+            fd, target, t0 = self._fd, self.written_seqno, self.clock()
             self._syncing = True
             self._dirty = False  # an append from now on sets it again
             self._last_sync = t0
@@ -306,7 +309,7 @@ class WalWriter:
         that no write waits more than the interval for its sync."""
         if not self._dirty:
             return None
-        return max(0.0, self._last_sync + self.interval_ms / 1000.0 - time.monotonic())
+        return max(0.0, self._last_sync + self.interval_ms / 1000.0 - self.clock())
 
     def rotate(self) -> int:
         """Seal the current segment and start the next (steps 1-5); returns the sealed segno.
@@ -375,18 +378,18 @@ class WalWriter:
         if not self._dirty:
             return
         target = self.written_seqno
-        t0 = time.monotonic()
+        t0 = self.clock()
         try:
             self.fileops.fdatasync(self._fd)
         except OSError as exc:
             raise self._fail(exc, "fdatasync") from exc
         self._dirty = False
-        self._last_sync = time.monotonic()
+        self._last_sync = self.clock()
         self._synced(t0, target)
 
     def _synced(self, t0: float, target: int) -> None:
         """An fdatasync that started at ``t0`` returned: every record <= ``target`` is durable."""
-        now = time.monotonic()
+        now = self.clock()
         self.last_sync_seconds = now - t0
         self.sync_latencies.append(now - t0)
         self.syncs += 1
