@@ -412,3 +412,12 @@ def test_reload_rereads_the_file_and_diff_names_what_changed(tmp_path: Path) -> 
     }  # max_connections stays: the flag still beats the file
     assert set(changes) - ServeConfig.RELOADABLE == {"fsync"}
     assert diff(new, new) == {}
+
+
+def test_a_socket_path_past_sun_path_is_refused_with_its_source() -> None:
+    ok = "/tmp/" + "s" * (107 - len("/tmp/"))
+    assert load_serve_config(flags("--socket", ok), {}).socket == Path(ok)
+    with pytest.raises(walcache.ConfigError, match="at most 107 bytes"):
+        load_serve_config(flags("--socket", ok + "x"), {})
+    with pytest.raises(walcache.ConfigError, match="WALCACHE_SOCKET"):
+        load_serve_config(flags(), {"WALCACHE_SOCKET": "/tmp/" + "é" * 60})  # 120 bytes of UTF-8

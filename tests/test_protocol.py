@@ -14,6 +14,7 @@ from walcache.errors import InvalidKey, ProtocolError, WalcacheError
 from walcache.protocol import (
     FRAME_HEADER,
     OPS,
+    PROTOCOL_VERSION,
     BadRequest,
     ClientProtocol,
     FrameDecoder,
@@ -99,6 +100,21 @@ def test_first_request_must_be_hello() -> None:
     server.receive_data(ClientProtocol().request("ping")[1])
     with pytest.raises(ProtocolError, match="hello"):
         server.next_request()
+
+
+def test_a_hello_in_another_version_greets_nothing() -> None:
+    """The daemon answers it with an error; the connection must not then take writes."""
+    client = ClientProtocol()
+    server = ServerProtocol(1024)
+    server.receive_data(client.request("hello", PROTOCOL_VERSION + 98, "x")[1])
+    req = server.next_request()
+    assert req is not None and req.op == "hello" and not server.greeted
+    server.receive_data(client.request("put", b"sk", 1, b"v", None)[1])
+    with pytest.raises(ProtocolError, match="hello"):
+        server.next_request()
+    server = ServerProtocol(1024)
+    server.receive_data(client.hello()[1])
+    assert server.next_request() is not None and server.greeted
 
 
 @pytest.mark.parametrize(

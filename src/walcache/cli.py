@@ -280,10 +280,10 @@ def main(argv: Sequence[str] | None = None, **seams: Any) -> int:
         print(f"walcache: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
-        if exc.filename is None:
-            raise  # not about a path the user gave: keep the traceback
-        # e.g. a data dir under a regular file, or on a read-only file system
-        print(f"walcache: {exc}", file=sys.stderr)
+        # e.g. a data dir under a regular file, a read-only or a full file system
+        logging.getLogger("walcache").debug("the error's traceback", exc_info=True)
+        print(f"walcache: {exc}" if exc.filename is not None else f"walcache: {type(exc).__name__}: {exc}",
+              file=sys.stderr)  # fmt: skip
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -75,6 +75,15 @@ _unpackb = msgpack.unpackb
 
 def encode_key(key: object) -> bytes:
     """The stored form of ``key``: a tag byte and the payload."""
+    try:
+        return _encode_key(key)
+    except UnicodeEncodeError as exc:
+        raise InvalidKey(f"a str key must be valid Unicode (it is stored as UTF-8): {exc}") from None
+    except ValueError as exc:  # an int past sys.get_int_max_str_digits()
+        raise InvalidKey(f"an int key this large cannot be stored: {exc}") from None
+
+
+def _encode_key(key: object) -> bytes:
     t = type(key)
     if t is str:
         return b"s" + str.encode(key)  # type: ignore[arg-type]
@@ -122,11 +131,11 @@ def encode_value(value: Any) -> tuple[int, bytes]:
     t = type(value)
     if t is bytes:
         return VFLAG_BYTES, value
-    if t is str:
-        return VFLAG_STR, value.encode()
     try:
+        if t is str:
+            return VFLAG_STR, value.encode()
         return VFLAG_MSGPACK, _packb(value)
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
         raise InvalidValue(
             f"cannot store a {type(value).__name__}: values must be msgpack types "
             f"(None, bool, int, float, str, bytes, list, dict): {exc}"

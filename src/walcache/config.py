@@ -187,6 +187,17 @@ def _path(name: str, raw: object, source: str) -> Path:
     raise _fail(name, raw, source, "expected a path")
 
 
+# sun_path holds 108 bytes with the terminating NUL (unix(7)).
+MAX_SOCKET_PATH_BYTES = 107
+
+
+def _socket_path(name: str, raw: object, source: str) -> Path:
+    path = _path(name, raw, source)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise _fail(name, raw, source, f"a Unix socket path of at most {MAX_SOCKET_PATH_BYTES} bytes")
+    return path
+
+
 def _optional_size(minimum: int) -> Callable[[str, object, str], object]:
     size = _size(minimum)
 
@@ -432,7 +443,7 @@ SERVE_OPTIONS: tuple[OptionSpec, ...] = (
         default_help="$STATE_DIRECTORY under systemd, else $XDG_STATE_HOME/walcache, else ~/.local/state/walcache",
     ),
     OptionSpec(
-        "socket", _path, "Unix socket the daemon listens on.", "PATH",
+        "socket", _socket_path, "Unix socket the daemon listens on.", "PATH",
         default_help="$RUNTIME_DIRECTORY/walcache.sock under systemd, else $XDG_RUNTIME_DIR/walcache/walcache.sock, "
         "else /tmp/walcache-$UID/walcache.sock",
     ),

@@ -73,6 +73,8 @@ PROTOCOL_VERSION = 1
 FRAME_HEADER = struct.Struct("<I")
 
 MAX_REQ_ID = (1 << 63) - 1
+# The shared table keeps expiry in 56 bits of ms; a TTL of 1000 years stays far below.
+MAX_TTL_MS = 1000 * 365 * 24 * 3600 * 1000
 STATUS_OK = 0
 STATUS_ERROR = 1
 
@@ -254,7 +256,9 @@ class ServerProtocol:
         if not self.greeted:
             if op != "hello":
                 raise ProtocolError("the first request must be hello")
-            self.greeted = True
+            # A hello in another version is answered with an error (by the daemon) and
+            # greets nothing: the next request must be a hello again.
+            self.greeted = args[0] == PROTOCOL_VERSION
         return Request(req_id, op, tuple(args))
 
     @staticmethod

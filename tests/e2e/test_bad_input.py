@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import select
 import socket
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -274,3 +276,135 @@ def test_max_memory_holds_for_a_pipelined_burst(ws: Workspace) -> None:
     assert any(not r.ok and isinstance(r.value, walcache.CacheFull) for r in replies)
     with d.client() as c:
         assert c.stats()["live_bytes"] <= limit
+
+
+def test_a_socket_path_that_is_not_a_socket_is_refused_and_left_alone(ws: Workspace) -> None:
+    """A wrong --socket must never delete what is there: a file of the log, say."""
+    d = ws.daemon().start()
+    with d.client() as c:
+        for i in range(20):
+            c.put(f"k{i}", i)
+    d.stop()
+    (seg,) = sorted(d.data_dir.glob("wal-*.log"))
+    other = ws.root / "notes.txt"
+    other.write_text("precious")
+    (ws.root / "adir").mkdir()
+    before = seg.read_bytes()
+    for wrong, what in ((seg, "a file"), (other, "a file"), (ws.root / "adir", "a directory")):
+        r = subprocess.run(
+            [sys.executable, "-m", "walcache", "serve", "--data-dir", str(d.data_dir), "--socket", str(wrong)],
+            capture_output=True, timeout=60,
+        )
+        assert r.returncode == 2, r
+        assert f"--socket {wrong} is {what}, not a socket".encode() in r.stderr, r.stderr
+    assert seg.read_bytes() == before and other.read_text() == "precious" and (ws.root / "adir").is_dir()
+    d.start()
+    with d.client() as c:
+        assert c.get_many([f"k{i}" for i in range(20)]) == {f"k{i}": i for i in range(20)}
+
+
+def test_the_daemon_raises_its_soft_fd_limit_to_fit_max_connections(ws: Workspace) -> None:
+    d = ws.daemon("--max-connections", "1000")
+    d.launcher = ["prlimit", "--nofile=32:4096", sys.executable, "-m", "walcache"]
+    d.start()
+    limits = Path(f"/proc/{d.pid}/limits").read_text()
+    (line,) = [ln for ln in limits.splitlines() if ln.startswith("Max open files")]
+    assert line.split()[3:5] == ["1064", "4096"], line  # 1000 connections + 64 besides
+    assert "RLIMIT_NOFILE is" not in d.log()  # it fits: no warning
+
+
+def test_out_of_file_descriptors_refuses_connections_with_a_reason(ws: Workspace) -> None:
+    """Under a hard RLIMIT_NOFILE below --max-connections the daemon warns at start, refuses
+    what does not fit with a message (not a silent backlog, not a log line per attempt
+    of a busy accept loop), and serves again once connections close."""
+    d = ws.daemon()
+    d.launcher = ["prlimit", "--nofile=48:48", sys.executable, "-m", "walcache"]
+    d.start()
+    assert "RLIMIT_NOFILE is 48" in d.log()
+    socks, refused = [], []
+    try:
+        for _ in range(80):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(d.socket_path))
+            socks.append(s)
+        # A refused connection gets its reply at once; an accepted one waits for our hello.
+        waiting = list(socks)
+        while True:
+            ready = select.select(waiting, [], [], 1.0)[0]
+            if not ready:
+                break
+            for s in ready:
+                waiting.remove(s)
+                data = s.recv(4096)
+                if data:
+                    refused.append(msgpack.unpackb(data[4:]))
+    finally:
+        for s in socks:
+            s.close()
+    assert refused, "no connection was refused although the descriptors ran out"
+    assert all(r[0] == 0 and "out of file descriptors" in r[2][1] for r in refused), refused[:3]
+    # The ones that fitted were accepted; every one past the 48 descriptors was refused (none
+    # left in the backlog: the spare descriptor is back after each refusal).
+    assert 80 - 48 <= len(refused) < 80, len(refused)
+    log = d.log()
+    assert log.count("out of file descriptors") <= 2, log[-2000:]  # held back, not one per attempt
+    deadline = time.monotonic() + 30  # a hang guard: the daemon closes the dropped connections
+    while True:
+        try:
+            with d.client() as c:
+                c.put("after", 1)
+                assert c.get("after") == 1
+            break
+        except walcache.DaemonUnavailable:
+            assert time.monotonic() < deadline, "the daemon did not take connections again"
+            time.sleep(0.05)
+
+
+def test_keys_values_and_ttls_that_cannot_be_stored_are_named_errors(ws: Workspace) -> None:
+    """Not UnicodeEncodeError, OverflowError or int-to-str ValueError from deep inside."""
+    from walcache.shm.reader import ShmReader
+
+    d = ws.daemon().start()
+    surrogate, huge = "\ud800", 10**5000
+    with d.client() as c:
+        cases = {
+            "put surrogate key": (lambda: c.put(surrogate, 1), walcache.InvalidKey),
+            "get surrogate key": (lambda: c.get(surrogate), walcache.InvalidKey),
+            "put huge int key": (lambda: c.put(huge, 1), walcache.InvalidKey),
+            "get huge int key": (lambda: c.get(huge), walcache.InvalidKey),
+            "surrogate value": (lambda: c.put("k", surrogate), walcache.InvalidValue),
+            "surrogate in a list": (lambda: c.put("k", [surrogate]), walcache.InvalidValue),
+            "ttl 1e300": (lambda: c.put("k", 1, ttl=1e300), walcache.InvalidValue),
+            "ttl 2**70": (lambda: c.put("k", 1, ttl=2**70), walcache.InvalidValue),
+        }
+        for name, (call, error) in cases.items():
+            try:
+                call()
+            except error:
+                continue
+            raise AssertionError(f"{name}: no {error.__name__}")
+        with ShmReader(d.namespace) as r:  # the pure-Python reader too
+            for key in (surrogate, huge):
+                with pytest.raises(walcache.InvalidKey):
+                    r.lookup(key)
+        c.put("k", 1, ttl=3600)
+        assert c.get("k") == 1 and c.stats()["keys"] == 1  # nothing else was stored
+
+
+def test_a_request_past_the_frame_limit_is_value_too_large_and_the_connection_lives(ws: Workspace) -> None:
+    d = ws.daemon("--max-frame-bytes", "8K", "--max-value-bytes", "1K", "--max-key-bytes", "64").start()
+    with d.client() as c:
+        c.put("before", 1)
+        with pytest.raises(walcache.ValueTooLarge, match="--max-frame-bytes 8192"):
+            c.put("big", b"x" * 20_000)
+        with pytest.raises(walcache.ValueTooLarge, match="split the batch"):
+            c.put_many({f"k{i}": b"x" * 1000 for i in range(10)})
+        c.put("after", 2)  # the same connection, never closed by the daemon
+        assert c.get_many(["before", "big", "k0", "after"]) == {"before": 1, "after": 2}
+        assert c.stats()["connections"] == 1
+
+
+@pytest.mark.parametrize("timeout", [None, "5", 0, -1, float("nan"), float("inf"), True])
+def test_a_client_timeout_that_is_not_a_positive_number_is_a_config_error(ws: Workspace, timeout: object) -> None:
+    with pytest.raises(walcache.ConfigError, match="timeout must be a positive number of seconds"):
+        walcache.Client(ws.root / "none.sock", timeout=timeout)  # type: ignore[arg-type]

@@ -521,3 +521,15 @@ def test_every_call_on_a_closed_client_raises_walcache_error(ws: Workspace) -> N
             raise AssertionError(f"{name} on a closed Client did not raise")
     with d.client() as again:
         assert again.get("k") == 1  # closing changed nothing but that Client
+
+
+def test_a_socket_and_a_data_dir_of_two_daemons_are_refused(ws: Workspace) -> None:
+    a, b = ws.daemon(name="a").start(), ws.daemon(name="b").start()
+    with b.client() as cb:
+        cb.put("only-b", 1)
+    for _ in ("b running", "b stopped"):  # stopped, b's last table would still be readable
+        with pytest.raises(walcache.ConfigError, match="serves another data dir"):
+            walcache.Client(a.socket_path, data_dir=b.data_dir)
+        b.stop()
+    with walcache.Client(a.socket_path, data_dir=a.data_dir) as ca:
+        assert ca.get("only-b") is None

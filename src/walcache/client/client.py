@@ -40,16 +40,18 @@ from typing import Any
 
 from ..codec import Key, decode_key, decode_value, encode_key, encode_value
 from ..errors import (
+    ConfigError,
     DaemonUnavailable,
     InvalidValue,
     ProtocolError,
     ReadContention,
     TableUnavailable,
+    ValueTooLarge,
     WalcacheError,
     WalcacheTimeout,
 )
 from ..paths import default_socket_path, shm_namespace
-from ..protocol import ClientProtocol
+from ..protocol import FRAME_HEADER, MAX_TTL_MS, ClientProtocol
 from ..shm.creader import Reader, open_reader
 
 __all__ = ["Client", "connect"]
@@ -78,6 +80,8 @@ def _ttl_ms(ttl: float | None) -> int | None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl <= 0:
         raise InvalidValue(f"ttl must be a positive number of seconds or None, not {ttl!r}")
+    if ttl * 1000 > MAX_TTL_MS:
+        raise InvalidValue(f"ttl must be at most {MAX_TTL_MS // 1000} seconds (1000 years), not {ttl!r}")
     return max(1, int(math.ceil(ttl * 1000)))
 
 
@@ -97,6 +101,8 @@ class Client(MutableMapping[Key, Any]):
         timeout: float = 5.0,
         data_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.socket_path = Path(socket_path) if socket_path is not None else default_socket_path()
         self.timeout = timeout
         self._lock = threading.Lock()
@@ -155,8 +161,11 @@ class Client(MutableMapping[Key, Any]):
             raise
         if self.namespace is not None and info["namespace"] != self.namespace:
             self._drop_socket()
-            raise DaemonUnavailable(
-                f"the daemon on {path} serves another data dir (table /{info['namespace']})"
+            # Not "no daemon" (which the constructor forgives when given a data dir):
+            # the socket and the data dir disagree, and reads and writes would too.
+            raise ConfigError(
+                f"the daemon on {path} serves another data dir (table /{info['namespace']}, "
+                f"not /{self.namespace}): pass the socket of this data dir's daemon"
             )
         self.namespace = info["namespace"]
         self.daemon_info = info
@@ -250,7 +259,7 @@ class Client(MutableMapping[Key, Any]):
                 self._connect()
                 fresh = True
             try:
-                return self._roundtrip(*self._proto.request(op, *args))
+                return self._roundtrip(*self._request(op, args))
             except _NotSent:
                 if fresh:
                     raise
@@ -262,7 +271,19 @@ class Client(MutableMapping[Key, Any]):
             # The connection was dead (the daemon restarted since the last call):
             # a restarted daemon may be there now.
             self._connect()
-            return self._roundtrip(*self._proto.request(op, *args))
+            return self._roundtrip(*self._request(op, args))
+
+    def _request(self, op: str, args: tuple[Any, ...]) -> tuple[int, bytes]:
+        """(req_id, frame), or ValueTooLarge for a frame the daemon would refuse whole
+        (it closes the connection on one past --max-frame-bytes)."""
+        req_id, frame = self._proto.request(op, *args)
+        limit = self.daemon_info.get("max_frame_bytes")
+        if limit is not None and len(frame) - FRAME_HEADER.size > limit:
+            raise ValueTooLarge(
+                f"this {op} request is {len(frame) - FRAME_HEADER.size} bytes, over the daemon's "
+                f"--max-frame-bytes {limit}: store a smaller value or split the batch"
+            )
+        return req_id, frame
 
     # --------------------------------------------------------------- reads
 

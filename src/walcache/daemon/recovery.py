@@ -516,7 +516,8 @@ def open_log(
                 report.dropped_intact = len(verdict.intact_after)
                 log.warning(
                     "torn tail in %s at offset %d: dropped %d bytes (%s: %s; %d whole records after it, "
-                    "seqnos %s, never acknowledged under fsync=always); the log ends at seqno %d",
+                    "seqnos %s; a write cut off by a crash was never acknowledged under fsync=always, "
+                    "but damage to a synced record looks the same); the log ends at seqno %d",
                     path, offset, report.truncated_bytes, p.kind, p.detail, len(verdict.intact_after),
                     _seqno_ranges([r.seqno for r in verdict.intact_after]), last,
                 )

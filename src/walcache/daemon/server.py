@@ -51,10 +51,13 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
+import resource
 import selectors
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import threading
@@ -82,7 +85,7 @@ from ..errors import (
     WalcacheError,
 )
 from ..paths import ensure_private_dir, shm_namespace
-from ..protocol import PROTOCOL_VERSION, BadRequest, Request, ServerProtocol
+from ..protocol import MAX_TTL_MS, PROTOCOL_VERSION, BadRequest, Request, ServerProtocol
 from ..shm.layout import SLOT_SIZE, chunk_words
 from ..shm.writer import ShmOps, ShmTable
 from . import notify
@@ -149,9 +152,6 @@ class _Item:
         self.words = 0  # data words its puts may take in the shared table (ShmTable.reserve)
         self.result: Any = None  # read: a callable; error: the exception
 
-
-# The shared table keeps expiry in 56 bits of ms; a TTL of 1000 years stays far below.
-MAX_TTL_MS = 1000 * 365 * 24 * 3600 * 1000
 
 # Commit latencies reported by stats() are over the most recent samples: enough for a
 # stable p99, cheap enough to sort on every stats call (fsyncs: WalWriter.sync_latencies).
@@ -293,6 +293,10 @@ class _Flusher(threading.Thread):
             self._tell_loop(b"s")
 
 
+# Descriptors the daemon holds besides connections: log segments, the shared table,
+# locks, the listener, the selector, pipes, a compactor's pipes, what psutil opens.
+FDS_BESIDES_CONNECTIONS = 64
+ACCEPT_WARN_EVERY_S = 10.0  # accept problems come once per connection: log them this often
 COMPACT_REPLY_WAIT_S = 3.0  # below the client's default 5 s timeout
 COMPACT_BACKOFF_FIRST_S = 5.0
 COMPACT_IDLE_GRACE_S = 10.0  # then a compactor still waiting for idle CPU gets nice 19
@@ -365,6 +369,10 @@ class Daemon:
         self.stop_requested = 0  # the signal number once SIGTERM/SIGINT arrived
         self.listener: socket.socket | None = None
         self._socket_ino: tuple[int, int] | None = None
+        # Out of descriptors: this one is given up to accept a connection and refuse it.
+        self._spare_fd: int | None = None
+        self._accept_warned_at = -math.inf
+        self._accept_warnings_held = 0
         # Compaction (see the module doc).
         self.compaction: _Compaction | None = None
         self.compactions = 0
@@ -430,6 +438,7 @@ class Daemon:
             self.namespace,
         )
         self._listen()
+        self._fit_fd_limit()
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
@@ -440,6 +449,25 @@ class Daemon:
         self.flusher = _Flusher(self.writer, wfd, interval)
         self.flusher.start()
 
+    def _fit_fd_limit(self) -> None:
+        """Raise RLIMIT_NOFILE (soft, up to hard) to fit --max-connections, as Redis does for
+        maxclients; warn when the hard limit does not (connections past it are refused)."""
+        need = self.cfg.max_connections + FDS_BESIDES_CONNECTIONS
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < need:
+            new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+                soft = new
+            except (OSError, ValueError) as exc:
+                log.warning("could not raise RLIMIT_NOFILE to %d: %s", new, exc)
+        if soft != resource.RLIM_INFINITY and soft < need:
+            log.warning(
+                "RLIMIT_NOFILE is %d: about %d connections fit, not --max-connections %d; "
+                "past that, connections are refused (raise LimitNOFILE= or ulimit -n)",
+                soft, max(0, soft - FDS_BESIDES_CONNECTIONS), self.cfg.max_connections,
+            )  # fmt: skip
+
     def _refuse_a_taken_socket(self) -> None:
         """ConfigError if a process answers on our socket path; a dead daemon's socket is removed.
 
@@ -448,18 +476,26 @@ class Daemon:
         does not take the lock (another program given the same path) may still
         answer, and is left alone."""
         path = self.socket_path
-        if path.exists() or path.is_symlink():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink(missing_ok=True)  # a dead daemon's socket: safe to replace
-            else:
-                raise ConfigError(
-                    f"another daemon already listens on {path}: stop it or pass another --socket"
-                )
-            finally:
-                probe.close()
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            # Never unlink what is not a socket: a wrong --socket may name a file of the
+            # log (or anything else); replacing it would lose it.
+            what = "a directory" if stat.S_ISDIR(mode) else "a symlink" if stat.S_ISLNK(mode) else "a file"
+            raise ConfigError(
+                f"--socket {path} is {what}, not a socket: refusing to replace it; pass another --socket"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)  # a dead daemon's socket: safe to replace
+        else:
+            raise ConfigError(f"another daemon already listens on {path}: stop it or pass another --socket")
+        finally:
+            probe.close()
 
     def _listen(self) -> None:
         path = self.socket_path
@@ -480,6 +516,7 @@ class Daemon:
         st = path.stat()
         self._socket_ino = (st.st_dev, st.st_ino)
         self.listener = s
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.sel.register(s, selectors.EVENT_READ, "accept")
         log.info("listening on %s (mode %o)", path, self.cfg.socket_mode)
 
@@ -613,6 +650,9 @@ class Daemon:
             self.listener.close()
             self.listener = None
             self._remove_socket()
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
 
     def _drained(self) -> bool:
         # After a failure the flusher may never report back (a hung device): do not wait for it.
@@ -637,7 +677,9 @@ class Daemon:
             except BlockingIOError:
                 return
             except OSError as exc:
-                log.warning("accept failed: %s", exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._refuse_for_want_of_fds(exc):
+                    continue
+                self._warn_accept(f"accept failed: {exc}")
                 return
             pid, uid, _gid = _PEERCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -652,18 +694,50 @@ class Daemon:
                 )
             if refuse is not None:
                 log.warning("refused connection from pid %d uid %d: %s", pid, uid, refuse)
-                try:
-                    # Request id 0: about the connection, not a request (ids start at 1).
-                    sock.setblocking(False)
-                    sock.send(ServerProtocol.error(0, refuse))
-                except OSError:
-                    pass
-                sock.close()
+                _refuse(sock, refuse)
                 continue
             sock.setblocking(False)
             conn = _Conn(sock, self.cfg.max_frame_bytes, uid, pid, f"pid {pid} uid {uid}")
             self.conns[sock.fileno()] = conn
             self.sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _refuse_for_want_of_fds(self, exc: OSError) -> bool:
+        """Out of descriptors: accept the waiting connection on the spare one, tell it
+        why and close it (True), so that it is refused at once instead of waiting in the
+        backlog, and select does not report the listener ready forever (a busy loop).
+        False when there is no spare descriptor to do it with."""
+        if self._spare_fd is None:
+            return False
+        os.close(self._spare_fd)
+        self._spare_fd = None
+        try:
+            assert self.listener is not None
+            sock, _ = self.listener.accept()
+        except OSError:
+            sock = None
+        if sock is not None:
+            refuse = DaemonUnavailable(
+                f"the daemon refused the connection: it is out of file descriptors ({exc.strerror}; "
+                f"{len(self.conns)} connections open): raise its RLIMIT_NOFILE (LimitNOFILE=, ulimit -n) "
+                "or lower --max-connections"
+            )
+            self._warn_accept(str(refuse))
+            _refuse(sock, refuse)
+        try:  # once the refused connection's descriptor is free again
+            self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass  # taken meanwhile (another thread): the next EMFILE is only logged
+        return sock is not None
+
+    def _warn_accept(self, message: str) -> None:
+        """Log an accept problem at most once per ACCEPT_WARN_EVERY_S (it comes per connection)."""
+        now = time.monotonic()
+        if now - self._accept_warned_at >= ACCEPT_WARN_EVERY_S:
+            more = f" ({self._accept_warnings_held} more since the last warning)" if self._accept_warnings_held else ""
+            log.warning("%s%s", message, more)
+            self._accept_warned_at, self._accept_warnings_held = now, 0
+        else:
+            self._accept_warnings_held += 1
 
     # ---------------------------------------------------------------- reading
 
@@ -1505,6 +1579,8 @@ class Daemon:
             if self.cfg.max_memory != self.table.max_memory:
                 self.table.max_memory = self.cfg.max_memory
             self.table.data_reserve = self.cfg.shm_reserve  # for the next segment it makes
+            if "max_connections" in live:
+                self._fit_fd_limit()
         else:
             log.info("SIGHUP: configuration re-read, nothing reloadable changed")
         notify.ready(self._status_line())
@@ -1536,6 +1612,17 @@ class Daemon:
         self.lock.release()
         log.info("stopped (exit %d)", self.exit_code)
         return self.exit_code
+
+
+def _refuse(sock: socket.socket, why: WalcacheError) -> None:
+    """Tell a just-accepted connection why it is refused, and close it."""
+    try:
+        # Request id 0: about the connection, not a request (ids start at 1).
+        sock.setblocking(False)
+        sock.send(ServerProtocol.error(0, why))
+    except OSError:
+        pass
+    sock.close()
 
 
 def _percentile_us(sorted_seconds: list[float], p: float) -> float:

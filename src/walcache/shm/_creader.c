@@ -868,9 +868,11 @@ encode_user_key(PyObject *key, keybuf *k)
     if (PyUnicode_CheckExact(key)) {
         Py_ssize_t n;
         const char *s = PyUnicode_AsUTF8AndSize(key, &n);
-        if (s == NULL)
-            return -1;
-        return keybuf_set(k, 's', s, n);
+        if (s != NULL)
+            return keybuf_set(k, 's', s, n);
+        /* Not UTF-8 encodable (a lone surrogate): the codec raises InvalidKey. */
+        PyErr_Clear();
+        goto via_codec;
     }
     if (PyBytes_CheckExact(key))
         return keybuf_set(k, 'b', PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key));
@@ -891,14 +893,18 @@ encode_user_key(PyObject *key, keybuf *k)
             return keybuf_set(k, 'i', d, e - d);
         }
         PyObject *s = PyObject_Str(key);
-        if (s == NULL)
-            return -1;
+        if (s == NULL) {
+            /* Past sys.get_int_max_str_digits(): the codec raises InvalidKey. */
+            PyErr_Clear();
+            goto via_codec;
+        }
         Py_ssize_t n;
         const char *u8 = PyUnicode_AsUTF8AndSize(s, &n);
         int rc = u8 == NULL ? -1 : keybuf_set(k, 'i', u8, n);
         Py_DECREF(s);
         return rc;
     }
+via_codec:;
     PyObject *b = PyObject_CallOneArg(encode_key_fn, key);
     if (b == NULL)
         return -1;

@@ -289,13 +289,16 @@ class ShmReader:
         docstring. Raises ReadContention / TableUnavailable as ``_read`` does.
         """
         t = type(key)
-        if t is str:
-            kb = b"s" + key.encode()  # type: ignore[attr-defined]
-        elif t is bytes:
-            kb = b"b" + key  # type: ignore[operator]
-        elif t is int:
-            kb = b"i%d" % key  # type: ignore[str-format]
-        else:
+        try:
+            if t is str:
+                kb = b"s" + key.encode()  # type: ignore[attr-defined]
+            elif t is bytes:
+                kb = b"b" + key  # type: ignore[operator]
+            elif t is int:
+                kb = b"i%d" % key  # type: ignore[str-format]
+            else:
+                kb = encode_key(key)
+        except ValueError:  # a lone surrogate, an int too long to print: InvalidKey, from the codec
             kb = encode_key(key)
         S, Q, V, M, mask, lo, hi, end = self._m
         h = hash_key(kb)  # R1
