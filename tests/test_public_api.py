@@ -14,6 +14,7 @@ def test_all_is_exactly_the_public_api() -> None:
         "InvalidValue", "KeyTooLarge", "ValueTooLarge", "CacheFull", "ProtocolError",
         "DaemonUnavailable", "WalcacheTimeout", "ReadContention", "TableUnavailable",
         "ServerError", "StorageError", "DataDirLocked", "LogCorrupt", "LogFailed",
+        "LogFull",
     ])
     for name in walcache.__all__:
         assert getattr(walcache, name) is not None

@@ -17,6 +17,7 @@ from .errors import (
     KeyTooLarge,
     LogCorrupt,
     LogFailed,
+    LogFull,
     ProtocolError,
     ReadContention,
     ServerError,
@@ -50,6 +51,7 @@ __all__ = [
     "DataDirLocked",
     "LogCorrupt",
     "LogFailed",
+    "LogFull",
 ]
 
 

@@ -19,7 +19,8 @@ says what went wrong and what to do about it::
     └── StorageError                    the log or data dir (carries path, offset, errno)
         ├── DataDirLocked               another daemon owns the data dir (carries its pid)
         ├── LogCorrupt                  a bad record with valid data after it (path, offset)
-        └── LogFailed                   an fsync/write failed: no more appends are accepted
+        ├── LogFailed                   an fsync/write failed: no more appends are accepted
+        └── LogFull                     no disk space for the log: this write was not logged
 
 Errors that cross the socket travel as a short code; :data:`WIRE_CODES` is the
 one table that maps codes to classes, used by both the daemon and the client.
@@ -45,6 +46,7 @@ __all__ = [
     "DataDirLocked",
     "LogCorrupt",
     "LogFailed",
+    "LogFull",
     "WIRE_CODES",
     "wire_code",
     "error_from_wire",
@@ -141,6 +143,14 @@ class LogFailed(StorageError):
     """A write or fsync of the log failed; the log accepts no more appends until the daemon restarts."""
 
 
+class LogFull(StorageError):
+    """The log's file system had no room for this write (ENOSPC or EDQUOT while the log grew).
+
+    Nothing of the write was logged or applied. The daemon stays up: reads and the
+    writes that fit go on, and writes succeed again once space is freed.
+    """
+
+
 # One table: wire code <-> class. Codes are part of the protocol: never reuse one.
 WIRE_CODES: dict[str, type[WalcacheError]] = {
     "config": ConfigError,
@@ -157,6 +167,7 @@ WIRE_CODES: dict[str, type[WalcacheError]] = {
     "server": ServerError,
     "storage": StorageError,
     "log_failed": LogFailed,
+    "log_full": LogFull,
 }
 _CODE_OF: dict[type[WalcacheError], str] = {cls: code for code, cls in WIRE_CODES.items()}
 

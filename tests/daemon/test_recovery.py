@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from walcache import DataDirLocked, LogCorrupt, LogFailed
+from walcache import DataDirLocked, LogCorrupt, LogFailed, LogFull
 from walcache.daemon.fileops import FaultyFileOps, FileOps, SimulatedCrash
 from walcache.daemon.lock import DataDirLock
 from walcache.daemon.recovery import check_log, open_log
@@ -417,21 +417,25 @@ def test_eio_on_fsync_fails_the_append_and_every_later_one(tmp_path: Path, power
     assert table.snapshot() == state_after(written, report.last_seqno)
 
 
-def test_enospc_fails_the_log_and_reopening_keeps_every_acknowledged_record(tmp_path: Path) -> None:
+def test_enospc_refuses_the_group_and_reopening_keeps_every_acknowledged_record(tmp_path: Path) -> None:
+    """No space for the next segment: LogFull (the group is not written, the writer is not
+    failed, and refuses again while there is no room); every record acknowledged before it
+    is recovered, after a power cut too."""
     fo = FaultyFileOps(enospc_after=4096 + 5_000)  # segment creation writes 4096 bytes
     writer, _, _ = recover(tmp_path, fileops=fo, segment_bytes=4096)
     written: list[Record] = []
     acked = 0
-    with pytest.raises(LogFailed) as ei:
+    with pytest.raises(LogFull) as ei:
         for i in range(1000):
             ops = ((OP_PUT, b"bk%d" % i, 0, b"v" * 150, 0),)
             seqno, data = writer.encode(ops)
             written.append((seqno, ops))
             writer.append(data)
             acked = len(written)
-    assert ei.value.errno == 28
-    with pytest.raises(LogFailed):
-        writer.append(b"")
+    assert ei.value.errno == 28 and not writer.failed
+    assert writer.take_back_unwritten() == acked + 1
+    with pytest.raises(LogFull):
+        writer.append(writer.encode(((OP_PUT, b"bk-again", 0, b"v", 0),))[1])
     writer.close()
     fo.drop_unsynced()
     w2, report, table = recover(tmp_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from walcache import ConfigError, LogFailed
+from walcache import ConfigError, LogFailed, LogFull
 from walcache.daemon.fileops import FaultyFileOps
 from walcache.daemon.server import _Flusher
 from walcache.daemon.walwriter import WalWriter
@@ -508,3 +508,50 @@ def test_power_loss_model_reverts_an_unsynced_rename(tmp_path: Path) -> None:
     fo.fsync_dir(tmp_path)
     fo.drop_unsynced()
     assert b.read_bytes() == b"hello" and not a.exists()
+
+
+def test_no_space_to_grow_the_log_refuses_the_group_whole_and_the_writer_goes_on(tmp_path: Path) -> None:
+    """ENOSPC while an extent is zero-filled: LogFull, nothing of the group written, the
+    writer not failed; the seqnos are taken back, and once space is freed the same records
+    (re-encoded) are appended. Recovery finds exactly the groups that were written."""
+    fo = FaultyFileOps(disk_free=(256 << 10) + 64 + 1000)  # the first extent, and 1000 B more
+    writer, _, _ = recover(tmp_path, fileops=fo)
+    big = [writer.encode(_put(i, size=50_000))[1] for i in range(5)]  # 5 x 50 KB: the extent holds them
+    writer.append(b"".join(big))
+    assert writer.written_seqno == 5
+    seqno, rec = writer.encode(_put(5, size=50_000))  # needs the next extent: no room
+    with pytest.raises(LogFull, match="no disk space to extend"):
+        writer.append(rec)
+    assert not writer.failed and writer.written_seqno == 5
+    assert writer.take_back_unwritten() == seqno == 6
+    with pytest.raises(LogFull):
+        writer.append(writer.encode(_put(6, size=50_000))[1])  # still full: refused again
+    writer.take_back_unwritten()
+    fo.free_space()
+    again, rec = writer.encode(_put(7, size=50_000))
+    assert again == 6
+    writer.append(rec)
+    writer.close()
+    assert [r.seqno for r in all_records(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    again_writer, _, table = recover(tmp_path)
+    again_writer.close()
+    # Seqno 6 is the put encoded after the take-back; the refused ones are nowhere.
+    assert sorted(table.entries) == [b"bk0", b"bk1", b"bk2", b"bk3", b"bk4", b"bk7"]
+
+
+def test_no_space_for_the_next_segment_refuses_the_group_and_leaves_no_tmp(tmp_path: Path) -> None:
+    fo = FaultyFileOps()
+    writer, _, _ = recover(tmp_path, fileops=fo, segment_bytes=4096)
+    for i in range(3):
+        writer.append(writer.encode(_put(i, size=1000))[1])
+    fo.disk_free = 100  # the next segment's header and first extent do not fit
+    with pytest.raises(LogFull, match="no disk space to start segment"):
+        writer.append(writer.encode(_put(3, size=1000))[1])
+    assert not writer.failed and writer.segno == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+    writer.take_back_unwritten()
+    fo.free_space()
+    writer.append(writer.encode(_put(4, size=1000))[1])  # the rotation is retried
+    assert writer.segno == 2
+    writer.close()
+    assert [r.seqno for r in all_records(tmp_path)] == [1, 2, 3, 4]

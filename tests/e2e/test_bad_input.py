@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
 import select
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -262,6 +265,82 @@ def test_a_failed_fdatasync_is_never_acked_nor_applied_and_stops_the_daemon(ws: 
     d.start()
     with d.client() as c:
         assert c.get_many(list(acked)) == acked
+
+
+def _fill_the_disk(sock: str, wid: int, go: Any, freed: Any, out: Any) -> None:
+    """A writer process: 1 KiB puts until the log is full (LogFull seen 5 times), then, once
+    the test freed space, 20 more. Reports the keys acknowledged and the keys refused."""
+    acked, refused = [], []
+    try:
+        with walcache.Client(sock, timeout=30) as c:
+            go.wait(30)
+            i = 0
+            while len(refused) < 5 and i < 5000:
+                key = f"w{wid}-{i}"
+                i += 1
+                try:
+                    c.put(key, b"%d" % i + b"v" * 1020)
+                    acked.append(key)
+                except walcache.LogFull:
+                    refused.append(key)
+            out.put(("full", wid, len(refused)))
+            freed.wait(60)
+            for j in range(20):
+                key = f"w{wid}-after{j}"
+                c.put(key, b"after")
+                acked.append(key)
+        out.put(("done", wid, acked, refused))
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        out.put(("error", wid, f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.parametrize("writers", [1, 3], ids=["loop-thread", "flusher-and-groups-in-flight"])
+def test_a_full_disk_refuses_writes_with_log_full_and_the_daemon_lives_on(ws: Workspace, writers: int) -> None:
+    """The log's file system has room for its first extent and 100 KiB (through FaultyFileOps):
+    when the next extent does not fit, writes are refused with LogFull, unlogged and unapplied,
+    the daemon serves on, and once space is freed (SIGUSR1 to the seam) writes succeed again.
+    With several writer processes, groups encoded behind the refused one are refused too (their
+    seqnos are taken back). Every acknowledged write survives a restart; no refused one appears."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    d = ws.daemon()
+    d.launcher = [sys.executable, str(FAULTY_SERVE), "--disk-free", str((256 << 10) + 64 + (100 << 10))]
+    d.start()
+    go, freed, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_fill_the_disk, args=(str(d.socket_path), w, go, freed, out)) for w in range(writers)]
+    for p in procs:
+        p.start()
+    try:
+        go.set()
+        reports = [out.get(timeout=120) for _ in procs]
+        assert all(r[0] == "full" and r[2] == 5 for r in reports), reports
+        with d.client() as c:
+            assert c.stats()["log_full_refusals"] >= 5 * writers
+            assert c.get("absent") is None  # reads go on
+        os.kill(d.pid, signal.SIGUSR1)  # space freed
+        freed.set()
+        results = [out.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert all(r[0] == "done" for r in results), results
+    acked = {k for r in results for k in r[2]}
+    refused = {k for r in results for k in r[3]}
+    assert acked and refused and not acked & refused
+    log = d.log()
+    assert "no disk space to extend" in log and "LogFailed" not in log
+    for restarted in (False, True):
+        if restarted:  # what a restart recovers from the log
+            assert d.terminate() == 0
+            d.launcher = [sys.executable, "-m", "walcache"]
+            d.start()
+        with d.client() as c:
+            got = c.get_many([*acked, *refused])
+            assert set(got) == acked, (sorted(refused & set(got))[:5], sorted(acked - set(got))[:5])
 
 
 def test_max_memory_holds_for_a_pipelined_burst(ws: Workspace) -> None:

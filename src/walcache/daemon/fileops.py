@@ -8,6 +8,10 @@ patching the standard library):
 * fail the n-th fdatasync with EIO (or any errno), fail the n-th write;
 * run out of space (ENOSPC) after N bytes: the crossing write is short, the
   next one raises, as Linux does;
+* a file system with ``disk_free`` bytes left: only writes past a file's end
+  take space (overwrites of what a file already holds do not), and the one
+  that finds none left raises ENOSPC; a test may set ``disk_free`` again
+  (None: unlimited) to free space;
 * short writes (each pwrite writes a random, non-empty prefix);
 * "crash" after N bytes: the crossing write is cut there and every later
   call raises :class:`SimulatedCrash` (a BaseException, so no ``except
@@ -114,6 +118,7 @@ class FaultyFileOps(FileOps):
         fail_write_at: int | Iterable[int] | None = None,
         write_errno: int = errno_mod.EIO,
         enospc_after: int | None = None,
+        disk_free: int | None = None,
         short_write_max: int | None = None,
         crash_after_bytes: int | None = None,
         crash_at: tuple[str, int] | None = None,
@@ -124,6 +129,8 @@ class FaultyFileOps(FileOps):
         self.fail_write_at = _as_set(fail_write_at)
         self.write_errno = write_errno
         self.enospc_after = enospc_after
+        self.disk_free = disk_free
+        self._space_freed = False  # free_space() was called: the next write lifts the limit
         self.short_write_max = short_write_max
         self.crash_after_bytes = crash_after_bytes
         self.crash_at = crash_at
@@ -207,6 +214,17 @@ class FaultyFileOps(FileOps):
             if room <= 0:
                 raise OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC), str(self._fd_path.get(fd)))
             n = min(n, room)
+        if self._space_freed:
+            self._space_freed, self.disk_free = False, None
+        free = self.disk_free
+        if free is not None:
+            size = os.fstat(fd).st_size
+            grows = max(0, offset + n - max(size, offset))
+            if grows > free:
+                n = max(size - offset, 0) + free  # what fits: the overwrite, then the space left
+                if n <= 0:
+                    raise OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC), str(self._fd_path.get(fd)))
+            self.disk_free = free - max(0, offset + n - max(size, offset))
         if self.crash_after_bytes is not None and self.bytes_written + n >= self.crash_after_bytes:
             cut = self.crash_after_bytes - self.bytes_written
             if cut > 0:
@@ -217,6 +235,11 @@ class FaultyFileOps(FileOps):
         written = super().pwrite(fd, view[:n], offset)
         self.bytes_written += written
         return written
+
+    def free_space(self) -> None:
+        """Lift ``disk_free`` (someone deleted files): safe from a signal handler, since only
+        the next pwrite (the log's are serialized by its writer) changes the budget."""
+        self._space_freed = True
 
     def fdatasync(self, fd: int) -> None:
         self._enter("fdatasync")

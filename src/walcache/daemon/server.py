@@ -79,6 +79,7 @@ from ..errors import (
     InvalidValue,
     KeyTooLarge,
     LogFailed,
+    LogFull,
     ProtocolError,
     ServerError,
     ValueTooLarge,
@@ -165,6 +166,19 @@ class _SealRequest:
 _SEAL = _SealRequest()
 
 
+class _ResumeRequest:
+    """A flusher job: the loop took back the seqnos of the groups the log had no room
+    for (LogFull); append the groups handed over after this job again."""
+
+
+_RESUME = _ResumeRequest()
+
+
+class _Unwritten(Exception):
+    """A flusher report: a group handed over after a LogFull, refused unwritten (its
+    requests were already answered with that LogFull)."""
+
+
 class _Flusher(threading.Thread):
     """Writes and syncs one batch at a time; tells the loop when it is done.
 
@@ -193,7 +207,9 @@ class _Flusher(threading.Thread):
             # --fsync interval: this thread makes every timed sync, outside the writer's
             # lock, so that the loop thread's appends never wait for an fdatasync.
             writer.sync_in_background = True
-        self.jobs: deque[bytes | _SealRequest | None] = deque()
+        self.jobs: deque[bytes | _SealRequest | _ResumeRequest | None] = deque()
+        # After a LogFull, until the loop's _RESUME: groups are refused unwritten.
+        self.refusing = False
         self._bell = threading.Lock()
         self._bell.acquire()  # held: nothing submitted since the flusher last looked
         self.loop_waiting = False  # set by the loop around select (see the class doc)
@@ -213,8 +229,8 @@ class _Flusher(threading.Thread):
         self.jobs.extend(records)
         self._ring()
 
-    def submit(self, job: _SealRequest | None) -> None:
-        """A seal (between two groups) or None (stop); loop thread only."""
+    def submit(self, job: _SealRequest | _ResumeRequest | None) -> None:
+        """A seal (between two groups), a resume (after a LogFull) or None (stop); loop thread only."""
         self.jobs.append(job)
         self._ring()
 
@@ -268,10 +284,18 @@ class _Flusher(threading.Thread):
                         break
                     jobs.popleft()
                     parts.append(rec)
+                if self.refusing:
+                    # Its seqnos follow a group that was not written: it cannot be either.
+                    self.done.append((_Unwritten(), len(parts), 0, 0.0))
+                    self._tell_loop(b"d")
+                    continue
                 t0 = time.perf_counter()
                 err: BaseException | None = None
                 try:
                     writer.append(b"".join(parts))
+                except LogFull as exc:  # nothing of it was written; the log stays usable
+                    err = exc
+                    self.refusing = True
                 except BaseException as exc:  # noqa: BLE001 - any failure stops acks
                     err = exc
                 dt = time.perf_counter() - t0
@@ -285,6 +309,9 @@ class _Flusher(threading.Thread):
             job = jobs.popleft()
             if job is None:
                 return
+            if job is _RESUME:
+                self.refusing = False
+                continue
             # A job boundary is a group boundary: every record handed over before it is appended.
             try:
                 self.seals.append(writer.seal())
@@ -296,7 +323,7 @@ class _Flusher(threading.Thread):
 # Descriptors the daemon holds besides connections: log segments, the shared table,
 # locks, the listener, the selector, pipes, a compactor's pipes, what psutil opens.
 FDS_BESIDES_CONNECTIONS = 64
-ACCEPT_WARN_EVERY_S = 10.0  # accept problems come once per connection: log them this often
+WARN_EVERY_S = 10.0  # warnings that come per connection or per write (accept, a full log): this often
 COMPACT_REPLY_WAIT_S = 3.0  # below the client's default 5 s timeout
 COMPACT_BACKOFF_FIRST_S = 5.0
 COMPACT_IDLE_GRACE_S = 10.0  # then a compactor still waiting for idle CPU gets nice 19
@@ -369,6 +396,10 @@ class Daemon:
         self.stop_requested = 0  # the signal number once SIGTERM/SIGINT arrived
         self.listener: socket.socket | None = None
         self._socket_ino: tuple[int, int] | None = None
+        # No room for the log (LogFull): writes refused, and the warning held back.
+        self.log_full_refusals = 0
+        self._log_full_warned_at = -math.inf
+        self._log_full_held = 0
         # Out of descriptors: this one is given up to accept a connection and refuse it.
         self._spare_fd: int | None = None
         self._accept_warned_at = -math.inf
@@ -730,9 +761,9 @@ class Daemon:
         return sock is not None
 
     def _warn_accept(self, message: str) -> None:
-        """Log an accept problem at most once per ACCEPT_WARN_EVERY_S (it comes per connection)."""
+        """Log an accept problem at most once per WARN_EVERY_S (it comes per connection)."""
         now = time.monotonic()
-        if now - self._accept_warned_at >= ACCEPT_WARN_EVERY_S:
+        if now - self._accept_warned_at >= WARN_EVERY_S:
             more = f" ({self._accept_warnings_held} more since the last warning)" if self._accept_warnings_held else ""
             log.warning("%s%s", message, more)
             self._accept_warned_at, self._accept_warnings_held = now, 0
@@ -956,6 +987,9 @@ class Daemon:
         writer = self.writer
         try:
             writer.append(b"".join(records))
+        except LogFull as exc:  # nothing was written: refuse these, go on
+            self._refuse_unwritten(exc)
+            return
         except Exception as exc:  # noqa: BLE001 - any failure stops acks
             self._fail(exc)
             return
@@ -980,6 +1014,12 @@ class Daemon:
             self.outstanding -= n
             if self.fatal is not None:
                 continue  # after a failure nothing more is applied or acked
+            if isinstance(err, _Unwritten):
+                continue  # its requests were refused with the LogFull before it
+            if isinstance(err, LogFull):
+                self._refuse_unwritten(err)
+                self.flusher.submit(_RESUME)  # after every group it must refuse
+                continue
             if err is not None:
                 self._fail(err)
                 continue
@@ -1036,6 +1076,33 @@ class Daemon:
                 touched.add(conn)
         for c in touched:
             self._flush_out(c)
+
+    def _refuse_unwritten(self, err: LogFull) -> None:
+        """The log had no room for a group (LogFull): none of it was written. Answer it and
+        every write encoded after it with the error, take their seqnos back, and go on:
+        reads, and writes once there is room again, are served as before."""
+        first = self.writer.take_back_unwritten()
+        self.unsent = []  # this round's records: their requests are refused below
+        refused = 0
+        for it in self.queue:
+            if it.kind == "write" and it.seqno >= first:
+                self.pending_footprint -= it.footprint
+                if it.words:
+                    self.pending_puts -= len(it.ops or ())
+                    self.pending_words -= it.words
+                it.kind, it.result = "error", err
+                refused += 1
+        self.log_full_refusals += refused
+        self._warn_log_full(err, refused)
+        self._complete_ready()
+
+    def _warn_log_full(self, err: LogFull, refused: int) -> None:
+        now = time.monotonic()
+        if now - self._log_full_warned_at >= WARN_EVERY_S:
+            log.warning("%s (%d writes refused since the last warning)", err, self._log_full_held + refused)
+            self._log_full_warned_at, self._log_full_held = now, 0
+        else:
+            self._log_full_held += refused
 
     def _fail(self, err: BaseException, what: str = "log write") -> None:
         """Answer everything not yet answered with the failure, apply nothing more, stop.
@@ -1211,7 +1278,8 @@ class Daemon:
             sealed = self.flusher.seals.popleft()
             if isinstance(sealed, BaseException):
                 self._finish_compaction("failed", error=f"sealing the log failed: {sealed}")
-                self._fail(sealed, what="sealing the log for compaction")
+                if not isinstance(sealed, LogFull):  # no room for the next segment: retried later
+                    self._fail(sealed, what="sealing the log for compaction")
                 return
             k, s = sealed
             c.seal_seqno, c.next_segno = s, k + 1
@@ -1521,6 +1589,8 @@ class Daemon:
             "fsyncs": self.writer.syncs,
             "fsync_p50_us": _percentile_us(syncs, 0.50),
             "fsync_p99_us": _percentile_us(syncs, 0.99),
+            # Writes refused with LogFull (no disk space for the log) since start.
+            "log_full_refusals": self.log_full_refusals,
             "busy_polls": self.polls,
             "busy_poll_hits": self.poll_hits,
             "log_bytes": _log_bytes(self.data_dir),
