@@ -58,6 +58,10 @@ def default_socket_path() -> Path:
 
 def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
     """Create ``path`` (and parents) if missing; refuse a shared /tmp dir we do not own."""
+    if path.exists() and not path.is_dir():
+        from .errors import ConfigError
+
+        raise ConfigError(f"{path} is a file, not a directory")
     path.mkdir(parents=True, exist_ok=True, mode=mode)
     st = path.stat()
     if str(path).startswith("/tmp/") and st.st_uid != os.getuid():

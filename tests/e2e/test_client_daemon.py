@@ -190,6 +190,15 @@ def test_limits_answer_with_clear_errors(ws: Workspace) -> None:
         # Nothing was logged for the refused put: it does not appear after recovery.
         assert c.get(f"fill{stored}") is None
         assert c.get(f"fill{stored - 1}") == b"v" * 900
+    assert "over --max-memory" not in d.log()
+    d.stop()
+    d.start("--max-key-bytes", "64", "--max-value-bytes", "1000", "--max-memory", "100K")  # lowered
+    assert "over --max-memory 102400: puts that need more room are refused" in d.log()
+    with d.client() as c:
+        with pytest.raises(walcache.CacheFull):
+            c.put("one more", b"v" * 900)
+        assert c.delete_many([f"fill{i}" for i in range(1, stored)]) == stored - 1
+        c.put("one more", b"v" * 900)  # deletes made room
 
 
 def test_client_survives_fork(ws: Workspace) -> None:

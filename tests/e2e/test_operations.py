@@ -344,3 +344,11 @@ def test_put_many_is_one_record_and_all_or_nothing_at_any_cut(ws: Workspace) -> 
         outcomes.add(all(present))
         shutil.rmtree(work)
     assert outcomes == {True, False}
+
+
+def test_a_data_dir_that_is_a_file_is_refused_by_name(ws: Workspace) -> None:
+    f = ws.root / "not-a-dir"
+    f.write_text("x")
+    r = cli("serve", "--data-dir", str(f), "--socket", str(ws.root / "s.sock"))
+    assert r.returncode == 2 and f"{f} is a file, not a directory".encode() in r.stderr, r
+    assert f.read_text() == "x"

@@ -106,8 +106,8 @@ class DataDirLock(PidLockFile):
             return
         pid, who = self.who()
         raise DataDirLocked(
-            f"data dir {self.data_dir} is in use by {who}: stop that daemon, "
-            "or give this one another --data-dir",
+            f"data dir {self.data_dir} is in use by {who}: stop that daemon first "
+            "(or start this daemon with another --data-dir)",
             path=str(self.path),
             pid=pid,
         )

@@ -468,6 +468,13 @@ class Daemon:
             time.perf_counter() - t0,
             self.namespace,
         )
+        used, limit = self.table.used_bytes, cfg.max_memory
+        if limit is not None and used > limit:
+            log.warning(
+                "the recovered data takes %d bytes, over --max-memory %d: puts that need more "
+                "room are refused with CacheFull until deletes free some (or raise --max-memory)",
+                used, limit,
+            )  # fmt: skip
         self._listen()
         self._fit_fd_limit()
         rfd, wfd = os.pipe()
