@@ -1450,9 +1450,10 @@ class Daemon:
                 "scan_seconds": round(float(doc.get("scan_seconds", 0.0)), 3),
             }
             log.info(
-                "compaction (%s) done in %.3f s: state at seqno %d in %d entries; log %d -> %d bytes (%s reclaimed)",
-                c.trigger, seconds, c.seal_seqno, doc.get("entries", 0), c.bytes_before, after,
-                doc.get("reclaimed_bytes"),
+                "compaction (%s) done in %.3f s: state at seqno %d in %d entries; sealed segments of "
+                "%s bytes replaced by a %s-byte snapshot; log %d -> %d bytes (with the writes meanwhile)",
+                c.trigger, seconds, c.seal_seqno, doc.get("entries", 0), doc.get("removed_bytes"),
+                doc.get("snapshot_bytes"), c.bytes_before, after,
             )  # fmt: skip
             self._answer_waiters(waiters, ServerProtocol.reply, dict(self.last_compaction))
         elif status == "nothing to compact":
