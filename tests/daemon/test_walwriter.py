@@ -550,8 +550,34 @@ def test_no_space_for_the_next_segment_refuses_the_group_and_leaves_no_tmp(tmp_p
     assert not writer.failed and writer.segno == 1
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
     writer.take_back_unwritten()
+    syncs = fo.fsyncs
+    with pytest.raises(LogFull):  # a retry while still full: the old segment is not synced again
+        writer.append(writer.encode(_put(3, size=1000))[1])
+    assert fo.fsyncs == syncs
+    writer.take_back_unwritten()
     fo.free_space()
     writer.append(writer.encode(_put(4, size=1000))[1])  # the rotation is retried
     assert writer.segno == 2
     writer.close()
+    assert [r.seqno for r in all_records(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_no_space_after_the_new_segment_is_renamed_fails_the_log(tmp_path: Path) -> None:
+    """ENOSPC from the directory fsync that follows the rename: the new segment exists under
+    its final name and starts at the next seqno, so the old one must take no more records.
+    That is a LogFailed (the daemon stops), not a LogFull; recovery finds every record."""
+    fo = FaultyFileOps()
+    writer, _, _ = recover(tmp_path, fileops=fo, segment_bytes=4096)
+    for i in range(3):
+        writer.append(writer.encode(_put(i, size=1000))[1])
+    fo.fail_dir_fsync_at = {fo.dir_fsyncs + 1}
+    fo.dir_fsync_errno = errno.ENOSPC
+    with pytest.raises(LogFailed, match="No space"):
+        writer.append(writer.encode(_put(3, size=1000))[1])
+    assert writer.failed
+    writer.close()
+    w2, report, table = recover(tmp_path)
+    w2.append(w2.encode(_put(4, size=10))[1])  # the log goes on after the restart
+    w2.close()
+    assert report.last_seqno == 3 and sorted(table.entries) == [b"bk0", b"bk1", b"bk2"]
     assert [r.seqno for r in all_records(tmp_path)] == [1, 2, 3, 4]

@@ -304,7 +304,8 @@ def test_a_full_disk_refuses_writes_with_log_full_and_the_daemon_lives_on(ws: Wo
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
-    d = ws.daemon()
+    limit = 1 << 20
+    d = ws.daemon("--max-memory", str(limit), "--max-value-bytes", "64K")
     d.launcher = [sys.executable, str(FAULTY_SERVE), "--disk-free", str((256 << 10) + 64 + (100 << 10))]
     d.start()
     go, freed, out = ctx.Event(), ctx.Event(), ctx.Queue()
@@ -318,6 +319,9 @@ def test_a_full_disk_refuses_writes_with_log_full_and_the_daemon_lives_on(ws: Wo
         with d.client() as c:
             assert c.stats()["log_full_refusals"] >= 5 * writers
             assert c.get("absent") is None  # reads go on
+            # Compaction needs the next segment: it fails with the LogFull, the daemon does not.
+            with pytest.raises(walcache.LogFull, match="no disk space to start segment"):
+                c.compact()
         os.kill(d.pid, signal.SIGUSR1)  # space freed
         freed.set()
         results = [out.get(timeout=120) for _ in procs]
@@ -331,6 +335,16 @@ def test_a_full_disk_refuses_writes_with_log_full_and_the_daemon_lives_on(ws: Wo
     acked = {k for r in results for k in r[2]}
     refused = {k for r in results for k in r[3]}
     assert acked and refused and not acked & refused
+    with d.client() as c:
+        assert c.compact()["status"] == "done"
+        # The refused writes no longer count against --max-memory: the table fills up to it.
+        i = 0
+        with pytest.raises(walcache.CacheFull):
+            while True:
+                c.put(f"fill{i}", b"f" * 1020)
+                acked.add(f"fill{i}")
+                i += 1
+        assert c.stats()["live_bytes"] > limit - 2 * 1100, c.stats()["live_bytes"]
     log = d.log()
     assert "no disk space to extend" in log and "LogFailed" not in log
     for restarted in (False, True):

@@ -5,7 +5,8 @@ a directory fsync, ``os.ftruncate``, ``os.unlink``). :class:`FaultyFileOps` is t
 same thing with faults for tests, injected here and nowhere else (never by
 patching the standard library):
 
-* fail the n-th fdatasync with EIO (or any errno), fail the n-th write;
+* fail the n-th fdatasync with EIO (or any errno), fail the n-th write, fail
+  the n-th directory fsync;
 * run out of space (ENOSPC) after N bytes: the crossing write is short, the
   next one raises, as Linux does;
 * a file system with ``disk_free`` bytes left: only writes past a file's end
@@ -117,6 +118,8 @@ class FaultyFileOps(FileOps):
         fsync_errno: int = errno_mod.EIO,
         fail_write_at: int | Iterable[int] | None = None,
         write_errno: int = errno_mod.EIO,
+        fail_dir_fsync_at: int | Iterable[int] | None = None,
+        dir_fsync_errno: int = errno_mod.EIO,
         enospc_after: int | None = None,
         disk_free: int | None = None,
         short_write_max: int | None = None,
@@ -128,6 +131,8 @@ class FaultyFileOps(FileOps):
         self.fsync_errno = fsync_errno
         self.fail_write_at = _as_set(fail_write_at)
         self.write_errno = write_errno
+        self.fail_dir_fsync_at = _as_set(fail_dir_fsync_at)
+        self.dir_fsync_errno = dir_fsync_errno
         self.enospc_after = enospc_after
         self.disk_free = disk_free
         self._space_freed = False  # free_space() was called: the next write lifts the limit
@@ -278,6 +283,8 @@ class FaultyFileOps(FileOps):
     def fsync_dir(self, path: Path) -> None:
         self._enter("fsync_dir")
         self.dir_fsyncs += 1
+        if self.dir_fsyncs in self.fail_dir_fsync_at:
+            raise OSError(self.dir_fsync_errno, os.strerror(self.dir_fsync_errno), str(path))
         self.dirs_synced.append(Path(path))
         super().fsync_dir(path)
         self._dirs[Path(path)] = _listing(Path(path))

@@ -1284,7 +1284,8 @@ class Daemon:
         if c.phase == "sealing" and self.flusher.seals:
             sealed = self.flusher.seals.popleft()
             if isinstance(sealed, BaseException):
-                self._finish_compaction("failed", error=f"sealing the log failed: {sealed}")
+                cause = sealed if isinstance(sealed, WalcacheError) else None
+                self._finish_compaction("failed", error=f"sealing the log failed: {sealed}", cause=cause)
                 if not isinstance(sealed, LogFull):  # no room for the next segment: retried later
                     self._fail(sealed, what="sealing the log for compaction")
                 return
@@ -1419,7 +1420,9 @@ class Daemon:
             )  # fmt: skip
             self._finish_compaction("failed", error=f"compactor pid {c.proc.pid}: {why}")
 
-    def _finish_compaction(self, status: str, *, doc: dict[str, Any] | None = None, error: str = "") -> None:
+    def _finish_compaction(
+        self, status: str, *, doc: dict[str, Any] | None = None, error: str = "", cause: WalcacheError | None = None
+    ) -> None:
         c = self.compaction
         assert c is not None
         self.compaction = None
@@ -1475,7 +1478,9 @@ class Daemon:
                 "the next automatic attempt waits %.0f s",
                 c.trigger, c.seal_seqno, seconds, error, self._backoff_s,
             )  # fmt: skip
-            self._answer_waiters(waiters, ServerProtocol.error, ServerError(f"compaction failed: {error}"))
+            # A cause the client can act on (LogFull: free space) keeps its class.
+            answer = cause if isinstance(cause, LogFull) else ServerError(f"compaction failed: {error}")
+            self._answer_waiters(waiters, ServerProtocol.error, answer)
 
     def _answer_waiters(self, waiters: list[tuple[_Conn, int]], make: Callable[[int, Any], bytes], value: Any) -> None:
         for conn, req_id in waiters:

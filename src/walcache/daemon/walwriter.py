@@ -37,7 +37,8 @@ fdatasync Linux may have dropped the dirty pages and a second fdatasync would
 acknowledging; a restart recovers from what reached the disk.
 
 One exception: no space (ENOSPC, EDQUOT) while the log grows, that is while an
-extent is zero-filled or the next segment is created, raises
+extent is zero-filled or the next segment is created up to its rename (its
+.tmp, fdatasync included: that file is removed, never retried), raises
 :class:`walcache.LogFull` and leaves the writer usable. No byte of the group was
 written then (it is written only into space already filled), so the group is
 refused whole and nothing is lost; the caller takes its seqnos back
@@ -456,19 +457,24 @@ class WalWriter:
 
     def _rotate_locked(self, first_seqno: int) -> None:
         self._wait_for_background_sync()  # it may be syncing the descriptor closed below
-        # 1. Trim and seal: every segment but the newest is complete and durable.
-        self.fileops.ftruncate(self._fd, self.offset)
-        self._file_size = self.offset
-        self._dirty = True
-        self._sync_locked()
+        # 1. Trim and seal: every segment but the newest is complete and durable. (Already
+        # done when an earlier rotation stopped at step 2 for want of space.)
+        if self._file_size != self.offset or self._dirty:
+            self.fileops.ftruncate(self._fd, self.offset)
+            self._file_size = self.offset
+            self._dirty = True
+            self._sync_locked()
         # 2-4. The next segment, durable under its final name.
+        final = self.data_dir / segment_name(self.segno + 1)
         try:
             fd, path = create_segment(
                 self.fileops, self.data_dir, self.segno + 1, first_seqno, self.salt, self.extent_bytes
             )
         except OSError as exc:
-            if exc.errno in _NO_SPACE:
-                raise self._no_space(exc, f"start segment {segment_name(self.segno + 1)}") from exc
+            # Refused only while nothing of the new segment is left; once renamed (its
+            # directory fsync failed) it names seqnos the old one must not take: fatal.
+            if exc.errno in _NO_SPACE and not final.exists():
+                raise self._no_space(exc, f"start segment {final.name}") from exc
             raise
         # 5. Switch.
         old = self._fd
