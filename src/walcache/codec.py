@@ -157,5 +157,9 @@ def check_encoded_value(vflag: int, vb: bytes) -> None:
         raise InvalidValue(f"unknown value encoding {vflag}")
     try:
         decode_value(vflag, vb)
+    except TypeError as exc:  # e.g. unhashable type: 'list'
+        raise InvalidValue(
+            f"a value whose dict keys come back as lists (tuple keys?) cannot be stored: {exc}"
+        ) from None
     except Exception as exc:  # msgpack raises several unrelated classes
         raise InvalidValue(f"malformed encoded value: {type(exc).__name__}: {exc}") from None

@@ -252,7 +252,12 @@ class ServerProtocol:
         if checks is None:
             raise BadRequest(req_id, ProtocolError(f"unknown op {op[:40]!r}"))
         if len(args) != len(checks) or not all(ok(a) for ok, a in zip(checks, args)):
-            raise BadRequest(req_id, ProtocolError(f"wrong arguments for {op}"))
+            if len(args) != len(checks):
+                why = f"{len(args)} arguments, not {len(checks)}"
+            else:
+                bad = next(i for i, (ok, a) in enumerate(zip(checks, args)) if not ok(a))
+                why = f"argument {bad} ({type(args[bad]).__name__}) is not what {op} takes there"
+            raise BadRequest(req_id, ProtocolError(f"wrong arguments for {op}: {why}"))
         if not self.greeted:
             if op != "hello":
                 raise ProtocolError("the first request must be hello")

@@ -501,3 +501,30 @@ def test_a_request_past_the_frame_limit_is_value_too_large_and_the_connection_li
 def test_a_client_timeout_that_is_not_a_positive_number_is_a_config_error(ws: Workspace, timeout: object) -> None:
     with pytest.raises(walcache.ConfigError, match="timeout must be a positive number of seconds"):
         walcache.Client(ws.root / "none.sock", timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_batches_take_pairs_and_buffers_and_name_what_they_cannot_take(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    with d.client() as c:
+        c.put_many([("a", 1), (b"b", 2)])  # pairs, as dict.update takes them
+        c.put_many((k, v) for k, v in {"g": 3}.items())
+        assert c.get_many(["a", b"b", "g"]) == {"a": 1, b"b": 2, "g": 3}
+        # bytearray / memoryview keys read as bytes (the result is keyed by their bytes)
+        assert c.get_many([bytearray(b"b"), memoryview(b"b"), b"nope"]) == {b"b": 2}
+        with pytest.raises(walcache.InvalidValue, match="mapping or \\(key, value\\) pairs"):
+            c.put_many(["abc"])
+        with pytest.raises(walcache.InvalidValue, match="tuple keys"):
+            c.put("dk", {(1, 2): 3})
+        assert c.get("dk") is None and len(c) == 3
+
+
+def test_wrong_arguments_say_which_one(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    s, proto = raw_conn(str(d.socket_path))
+    s.sendall(proto.request("put", b"sk", "1", b"v", None)[1])
+    r = read_reply(s, proto)
+    assert not r.ok and "wrong arguments for put: argument 1 (str)" in str(r.value), r.value
+    s.sendall(proto.request("delete")[1])
+    r = read_reply(s, proto)
+    assert not r.ok and "wrong arguments for delete: 0 arguments, not 1" in str(r.value), r.value
+    s.close()

@@ -331,6 +331,7 @@ def test_a_daemon_that_stops_answering_times_the_request_out(ws: Workspace) -> N
         t.join(5)  # bounded: a missing timeout fails here instead of hanging
         assert not t.is_alive(), "the put did not time out"
         assert len(outcome) == 1 and isinstance(outcome[0], walcache.WalcacheTimeout), outcome
+        assert "the write may or may not be applied" in str(outcome[0])
     finally:
         os.kill(d.pid, signal.SIGCONT)
         if t.ident is not None:

@@ -175,7 +175,7 @@ class Client(MutableMapping[Key, Any]):
         if sock is not None:
             sock.close()
 
-    def _roundtrip(self, req_id: int, frame: bytes) -> Any:
+    def _roundtrip(self, req_id: int, frame: bytes, op: str = "hello") -> Any:
         sock = self._sock
         assert sock is not None
         try:
@@ -212,6 +212,7 @@ class Client(MutableMapping[Key, Any]):
             self._drop_socket()
             raise WalcacheTimeout(
                 f"the daemon on {self.socket_path} did not answer within {self.timeout} s"
+                + ("; the write may or may not be applied" if op in _WRITES else "")
             ) from None
         except OSError as exc:
             # (A reason the daemon sent before closing was parsed above: a reply with id 0.)
@@ -259,7 +260,7 @@ class Client(MutableMapping[Key, Any]):
                 self._connect()
                 fresh = True
             try:
-                return self._roundtrip(*self._request(op, args))
+                return self._roundtrip(*self._request(op, args), op)
             except _NotSent:
                 if fresh:
                     raise
@@ -271,7 +272,7 @@ class Client(MutableMapping[Key, Any]):
             # The connection was dead (the daemon restarted since the last call):
             # a restarted daemon may be there now.
             self._connect()
-            return self._roundtrip(*self._request(op, args))
+            return self._roundtrip(*self._request(op, args), op)
 
     def _request(self, op: str, args: tuple[Any, ...]) -> tuple[int, bytes]:
         """(req_id, frame), or ValueTooLarge for a frame the daemon would refuse whole
@@ -315,7 +316,11 @@ class Client(MutableMapping[Key, Any]):
 
     def get_many(self, keys: Iterable[Key]) -> dict[Key, Any]:
         """The found keys and their values (missing keys are left out)."""
-        keys = list(keys)
+        given: list[Any] = list(keys)  # Key, or a bytearray / memoryview (read as bytes)
+        if any(type(k) in _BUFFERS for k in given):
+            # The result is keyed by the keys given: these are unhashable, their bytes are not.
+            given = [bytes(k) if type(k) in _BUFFERS else k for k in given]
+        keys = given
         reader = self._reader
         if reader is not None and reader.lock_free_ok:
             try:
@@ -375,10 +380,22 @@ class Client(MutableMapping[Key, Any]):
         """Remove ``key``; True if it existed."""
         return bool(self._call("delete", encode_key(key)))
 
-    def put_many(self, mapping: Mapping[Key, Any], ttl: float | None = None) -> None:
-        """Store every item as one atomic log record (all or nothing after a crash)."""
+    def put_many(
+        self, mapping: Mapping[Key, Any] | Iterable[tuple[Key, Any]], ttl: float | None = None
+    ) -> None:
+        """Store every item as one atomic log record (all or nothing after a crash).
+
+        ``mapping`` is a mapping or, as for ``dict.update``, an iterable of (key, value) pairs.
+        """
+        items = mapping.items() if hasattr(mapping, "items") else mapping
         entries = []
-        for key, value in mapping.items():
+        for pair in items:
+            try:
+                key, value = pair
+            except (TypeError, ValueError):
+                raise InvalidValue(
+                    f"put_many takes a mapping or (key, value) pairs, not an item {pair!r:.60}"
+                ) from None
             vflag, vb = encode_value(value)
             entries.append([encode_key(key), vflag, vb])
         if entries:
@@ -475,6 +492,8 @@ def _closed_get(key: Key, default: Any) -> Any:
 
 # Requests that change nothing: resending one after a lost reply is harmless.
 _READS = frozenset(("get", "stats", "ping"))
+_WRITES = frozenset(("put", "delete", "put_many", "delete_many"))
+_BUFFERS = (bytearray, memoryview)
 
 
 class _NotSent(DaemonUnavailable):
