@@ -158,10 +158,11 @@ def encode_frame(message: Any) -> bytes:
 class FrameDecoder:
     """Splits a byte stream into frame bodies, refusing lengths over ``max_frame``."""
 
-    def __init__(self, max_frame: int) -> None:
+    def __init__(self, max_frame: int, limit_hint: str = "") -> None:
         if max_frame < 1:
             raise ValueError("max_frame must be positive")
         self.max_frame = max_frame
+        self.limit_hint = limit_hint  # what sets max_frame, for the error (the daemon's option)
         self._buf = bytearray()
         self._pos = 0
 
@@ -182,7 +183,7 @@ class FrameDecoder:
             return None
         (n,) = FRAME_HEADER.unpack_from(buf, pos)
         if n == 0 or n > self.max_frame:
-            raise ProtocolError(f"frame length {n} outside 1..{self.max_frame} (--max-frame-bytes)")
+            raise ProtocolError(f"frame length {n} outside 1..{self.max_frame}{self.limit_hint}")
         end = pos + 4 + n
         if len(buf) < end:
             return None
@@ -210,7 +211,7 @@ class ServerProtocol:
     """The daemon's side of one connection."""
 
     def __init__(self, max_frame: int) -> None:
-        self._frames = FrameDecoder(max_frame)
+        self._frames = FrameDecoder(max_frame, " (--max-frame-bytes)")
         self.greeted = False
 
     @property
@@ -279,7 +280,8 @@ class ClientProtocol:
     """The client's side of one connection: numbers requests and parses replies."""
 
     def __init__(self, max_frame: int = 1 << 30) -> None:
-        self._frames = FrameDecoder(max_frame)
+        # A reply this long is not from a walcache daemon (or the stream is out of step).
+        self._frames = FrameDecoder(max_frame, ": is this a walcache daemon's socket?")
         self._next_id = 1
 
     def request(self, op: str, *args: Any) -> tuple[int, bytes]:

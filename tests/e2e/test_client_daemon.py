@@ -543,3 +543,25 @@ def test_a_socket_and_a_data_dir_of_two_daemons_are_refused(ws: Workspace) -> No
         b.stop()
     with walcache.Client(a.socket_path, data_dir=a.data_dir) as ca:
         assert ca.get("only-b") is None
+
+
+def test_a_socket_that_is_not_walcache_is_named_as_such(ws: Workspace) -> None:
+    path = ws.root / "http.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def answer() -> None:
+        conn, _ = srv.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        conn.close()
+
+    t = threading.Thread(target=answer)
+    t.start()
+    try:
+        with pytest.raises(walcache.ProtocolError, match="is this a walcache daemon's socket"):
+            walcache.Client(path, timeout=10)
+    finally:
+        t.join(10)
+        srv.close()
