@@ -682,3 +682,57 @@ def test_the_zeroed_torn_tail_survives_a_power_cut_right_after_open(tmp_path: Pa
     fo.drop_unsynced()  # power cut before the first new record
     data = (src / SEG1).read_bytes()
     assert nonzero_end(data, report.truncated_offset) == report.truncated_offset
+
+
+def test_a_restart_makes_the_names_durable_before_it_acknowledges_anything(tmp_path: Path) -> None:
+    """Killed between a new segment's rename and the directory fsync, the daemon restarts
+    (the machine did not: the page cache still has the entry) and acknowledges writes into
+    that segment. A power cut then must not take the segment, and those writes, away."""
+    fo = FaultyFileOps()
+    writer, _, _ = recover(tmp_path, fileops=fo, segment_bytes=4096)
+    for i in range(30):
+        writer.append(writer.encode(((OP_PUT, b"a%d" % i, 0, b"v" * 60, 0),))[1])
+    fo.calls.clear()
+    fo.crash_at = ("fsync_dir", 1)  # rotation step 4
+    with pytest.raises(SimulatedCrash):
+        writer.append(b"".join(writer.encode(((OP_PUT, b"b%d" % i, 0, b"w" * 60, 0),))[1] for i in range(10)))
+    fo.kill()
+    fo.crash_at = None
+    w2, report, _ = recover(tmp_path, fileops=fo, segment_bytes=4096)
+    assert report.last_seqno == 30 and w2.segno == 2  # the renamed, empty segment is the newest
+    for i in range(5):
+        w2.append(w2.encode(((OP_PUT, b"acked%d" % i, 0, b"x", 0),))[1])  # fdatasync returned: acked
+    fo.drop_unsynced()  # power cut, w2 never closed
+    w3, report, table = recover(tmp_path)
+    w3.close()
+    assert report.last_seqno == 35
+    assert all(b"acked%d" % i in table.entries for i in range(5))
+
+
+def test_check_log_repair_at_any_crash_point_keeps_what_it_cut_or_cuts_nothing(tmp_path: Path) -> None:
+    """A power cut at each step of a repair: either the cut is not durable (the log is as it
+    was), or the copy of the cut bytes is. Running the repair again then ends clean."""
+    rng = random.Random(23)
+    src = tmp_path / "src"
+    written = write_log(src, [random_ops(rng) for _ in range(150)], segment_bytes=4096)
+    seg = segments(src)[1]
+    r = records_in(seg)[2]
+    zero_range(seg, r.offset + 8, r.offset + 16)
+    original = seg.read_bytes()
+    clean = FaultyFileOps()
+    check_log(shutil.copytree(src, tmp_path / "clean"), repair=True, fileops=clean)
+    points = [(op, n) for op, count in clean.calls.items() for n in range(1, count + 1)]
+    assert ("rename", 1) in points  # later segments are moved aside: those are crash points too
+    for op, n in points:
+        d = shutil.copytree(src, tmp_path / f"{op}-{n}")
+        fo = FaultyFileOps(crash_at=(op, n))
+        with pytest.raises(SimulatedCrash):
+            check_log(d, repair=True, fileops=fo)
+        fo.drop_unsynced()
+        now = (d / seg.name).read_bytes()
+        if now[r.offset : r.offset + 16] != original[r.offset : r.offset + 16]:  # the cut is durable
+            kept = [p.read_bytes() for p in d.iterdir() if p.name.startswith(seg.name + ".corrupt-")]
+            assert original[r.offset :] in kept, (op, n)
+        report = check_log(d, repair=True)
+        assert report.ok, (op, n)
+        _expect_prefix(d, written, r.seqno - 1)

@@ -444,6 +444,15 @@ def _manifest_or_problem(data_dir: Path, fo: FileOps) -> tuple[Manifest | None, 
         return None, Problem(Path(data_dir) / MANIFEST_NAME, 0, 0, "manifest", str(exc).split(";")[0], 0, False)
 
 
+def _fsync_parent(fo: FileOps, data_dir: Path) -> None:
+    """The data dir's own entry, in its parent (it may have been created moments ago)."""
+    parent = data_dir.resolve().parent
+    try:
+        fo.fsync_dir(parent)
+    except PermissionError as exc:
+        log.warning("could not fsync %s (%s): a power cut soon after may lose the new data dir", parent, exc)
+
+
 def open_log(
     data_dir: Path,
     apply_fn: Callable[[int, Sequence[Op]], object],
@@ -495,12 +504,7 @@ def open_log(
         extent = min(EXTENT_BYTES, segment_bytes)
         fd, path = create_segment(fo, data_dir, 1, 1, salt, extent)
         segno, offset, last = 1, SEGMENT_HEADER_SIZE, 0
-        # A new log may sit in a data dir created moments ago: its entry lives in the parent.
-        try:
-            fo.fsync_dir(data_dir.resolve().parent)
-        except PermissionError as exc:
-            log.warning("could not fsync %s (%s): a power cut soon after may lose the new data dir",
-                        data_dir.resolve().parent, exc)
+        _fsync_parent(fo, data_dir)
     else:
         final = scan.segments[-1]
         path, segno, salt, offset, last = final.path, final.segno, final.salt, final.end, final.last_seqno
@@ -523,6 +527,11 @@ def open_log(
                 )
             else:
                 fo.fdatasync(fd)  # step 5: what was replayed is durable before anything claims it
+            # And the names: a daemon killed between a segment's rename and its directory
+            # fsync (or before a new data dir's parent fsync) left entries only the page
+            # cache knows. Records acknowledged from now on must not vanish with them.
+            fo.fsync_dir(data_dir)
+            _fsync_parent(fo, data_dir)
         except BaseException:
             fo.close(fd)
             raise
@@ -722,17 +731,25 @@ def _repair(fo: FileOps, data_dir: Path, report: CheckReport, v: Verdict, later_
     if p is not None:
         stamp = time.time_ns()
         whole_segment = p.kind in ("header", "segment-number", "seqno-gap", "missing-segment")
+        buf = b"" if whole_segment else fo.read_file(p.path)
+        if not whole_segment and v.kind == "corrupt":
+            keep = p.path.with_name(f"{p.path.name}.corrupt-{stamp}")
+            kfd = fo.open(keep, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                fo.pwrite_all(kfd, buf[p.offset:], 0)
+                fo.fdatasync(kfd)
+            finally:
+                fo.close(kfd)
+            report.actions.append(f"kept bytes {p.offset}-{len(buf)} of {p.path.name} in {keep.name}")
+        for path in later_paths:
+            dest = path.with_name(f"{path.name}.corrupt-{stamp}")
+            fo.rename(path, dest)
+            report.actions.append(f"moved {path.name} aside as {dest.name}")
+        # The copy and the moves are durable before the cut: a power cut in between must
+        # not leave the cut without the copy of what it cut, nor later segments whose
+        # seqnos no longer follow the cut one.
+        fo.fsync_dir(data_dir)
         if not whole_segment:
-            buf = fo.read_file(p.path)
-            if v.kind == "corrupt":
-                keep = p.path.with_name(f"{p.path.name}.corrupt-{stamp}")
-                kfd = fo.open(keep, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    fo.pwrite_all(kfd, buf[p.offset:], 0)
-                    fo.fdatasync(kfd)
-                finally:
-                    fo.close(kfd)
-                report.actions.append(f"kept bytes {p.offset}-{len(buf)} of {p.path.name} in {keep.name}")
             fd = fo.open(p.path, os.O_RDWR)
             try:
                 _zero_tail(fo, fd, p.offset, max(p.offset, nonzero_end(buf, p.offset)))
@@ -741,10 +758,6 @@ def _repair(fo: FileOps, data_dir: Path, report: CheckReport, v: Verdict, later_
             report.actions.append(
                 f"cut {p.path.name} at offset {p.offset} ({report.damaged_bytes} bytes zeroed)"
             )
-        for path in later_paths:
-            dest = path.with_name(f"{path.name}.corrupt-{stamp}")
-            fo.rename(path, dest)
-            report.actions.append(f"moved {path.name} aside as {dest.name}")
         if report.dropped_seqnos:
             a, b = report.dropped_seqnos
             report.actions.append(f"dropped seqnos {a}-{b}; the log now ends at seqno {p.last_good_seqno}")
