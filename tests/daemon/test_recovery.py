@@ -736,3 +736,31 @@ def test_check_log_repair_at_any_crash_point_keeps_what_it_cut_or_cuts_nothing(t
         report = check_log(d, repair=True)
         assert report.ok, (op, n)
         _expect_prefix(d, written, r.seqno - 1)
+
+
+def test_a_segment_of_another_log_is_refused_by_its_salt(tmp_path: Path) -> None:
+    """Two logs that happen to line up (same segment numbers and seqnos): a segment copied from
+    one into the other checks under its own salt, so only the salt tells it apart."""
+    def build(d: Path, value: bytes) -> None:
+        writer, _, _ = recover(d, segment_bytes=4096)
+        for i in range(20):
+            writer.append(writer.encode(((OP_PUT, b"k%d" % i, 0, value, 0),))[1])
+        writer.rotate()
+        for i in range(5):
+            writer.append(writer.encode(((OP_PUT, b"n%d" % i, 0, value, 0),))[1])
+        writer.close()
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    build(a, b"A" * 60)
+    build(b, b"B" * 60)
+    shutil.copy(b / segment_name(2), a / segment_name(2))
+    report = check_log(a)
+    assert report.verdict == "corrupt" and report.problem is not None
+    assert report.problem.kind == "salt" and report.problem.path == a / segment_name(2)
+    with pytest.raises(LogCorrupt, match="belongs to another log"):
+        recover(a)
+    fixed = check_log(a, repair=True)  # moves the foreign segment aside
+    assert fixed.ok and fixed.repaired
+    writer, rep, table = recover(a)
+    writer.close()
+    assert rep.last_seqno == 20 and b"n0" not in table.entries

@@ -138,8 +138,10 @@ __all__ = [
 log = logging.getLogger("walcache.wal")
 
 _STRUCTURAL = frozenset(
-    {"header", "segment-number", "missing-segment", "seqno-gap", "log-start", "manifest", "snapshot"}
+    {"header", "segment-number", "salt", "missing-segment", "seqno-gap", "log-start", "manifest", "snapshot"}
 )
+# Problems with a whole segment: --repair moves it aside (with every later one), cuts nothing.
+_WHOLE_SEGMENT = ("header", "segment-number", "salt", "seqno-gap", "missing-segment")
 # Problems --repair cannot cut away: what they damaged has no older copy in the data dir.
 _UNREPAIRABLE = frozenset({"log-start", "manifest", "snapshot"})
 _LOAD_CHUNK = 4096  # snapshot entries per apply_fn call
@@ -429,7 +431,8 @@ def _replay(
             snapshot, problem = load_snapshot(data_dir, manifest, apply_fn, fo)
         if problem is None:
             scan = read_log(data_dir, apply_fn, fileops=fo,
-                            first_segno=manifest.next_segno if manifest is not None else None)
+                            first_segno=manifest.next_segno if manifest is not None else None,
+                            salt=manifest.salt if manifest is not None else None)
             problem = _check_start(data_dir, scan, manifest)
     if problem is None:
         return manifest, snapshot, scan, classify(scan, fo), True
@@ -707,7 +710,7 @@ def check_log(data_dir: Path, *, repair: bool = False, fileops: FileOps | None =
             later_paths = [path for n, path in list_segments(data_dir, fo) if n > p.segno]
             if p.kind in _UNREPAIRABLE:
                 later_paths = []
-            elif p.kind in ("header", "segment-number", "seqno-gap", "missing-segment"):
+            elif p.kind in _WHOLE_SEGMENT:
                 later_paths = [path for n, path in list_segments(data_dir, fo) if n >= p.segno]
                 report.intact_after = []
             report.intact_after += [s for s in _later_segment_seqnos(fo, later_paths) if s > p.last_good_seqno]
@@ -730,7 +733,7 @@ def _repair(fo: FileOps, data_dir: Path, report: CheckReport, v: Verdict, later_
     p = v.problem
     if p is not None:
         stamp = time.time_ns()
-        whole_segment = p.kind in ("header", "segment-number", "seqno-gap", "missing-segment")
+        whole_segment = p.kind in _WHOLE_SEGMENT
         buf = b"" if whole_segment else fo.read_file(p.path)
         if not whole_segment and v.kind == "corrupt":
             keep = p.path.with_name(f"{p.path.name}.corrupt-{stamp}")

@@ -230,11 +230,13 @@ def scan_segment(
     apply_fn: ApplyFn,
     *,
     final: bool,
+    expect_salt: int | None = None,
 ) -> SegmentScan:
     """Replay one segment's records through ``apply_fn`` (steps 1-4 of the module doc).
 
     ``expect_seqno``: the seqno its first record must have (None: take the
-    header's, as when starting at this segment). The scan's ``problem`` is the
+    header's, as when starting at this segment). ``expect_salt``: the log's salt
+    (None: take the header's); a segment of another log is refused whole. The scan's ``problem`` is the
     first thing that stopped it, None if it read to a clean end.
     """
     size = len(buf)
@@ -249,6 +251,14 @@ def scan_segment(
     if header.segno != segno:
         scan.problem = Problem(
             path, segno, 0, "segment-number", f"header says segment {header.segno}", first - 1, final
+        )
+        return scan
+    if expect_salt is not None and header.salt != expect_salt:
+        scan.last_seqno = (expect_seqno or first) - 1
+        scan.problem = Problem(
+            path, segno, 0, "salt",
+            f"its salt is {header.salt:#010x}, this log's is {expect_salt:#010x}: it belongs to another log",
+            scan.last_seqno, final,
         )
         return scan
     if expect_seqno is not None and first != expect_seqno:
@@ -319,11 +329,13 @@ def read_log(
     on_problem: Callable[[Problem], None] | None = None,
     first_segno: int | None = None,
     fileops: FileOps | None = None,
+    salt: int | None = None,
 ) -> LogScan:
     """Replay every good record of the log in ``data_dir``, in order, through ``apply_fn``.
 
     Starts at segment ``first_segno`` (default: the oldest present) and takes
-    that segment's first seqno from its header. Stops at the first problem,
+    that segment's first seqno from its header. Every segment must have the log's
+    ``salt`` (the MANIFEST's; default: the first segment's). Stops at the first problem,
     which goes to ``on_problem`` and into the result.
     """
     fo = fileops or FileOps()
@@ -343,9 +355,11 @@ def read_log(
             break
         buf = fo.read_file(path)
         result.bytes_read += len(buf)
-        scan = scan_segment(buf, path, segno, expect, apply_fn, final=final)
+        scan = scan_segment(buf, path, segno, expect, apply_fn, final=final, expect_salt=salt)
         del buf
         result.segments.append(scan)
+        if salt is None and scan.problem is None:
+            salt = scan.salt
         if expect is None:
             result.first_seqno = scan.first_seqno
         result.records += scan.records
