@@ -121,10 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify the log of a data dir (changes nothing unless --repair)",
         description="Read every record of the log in DIR and report what is found, "
         "changing nothing. --repair (only while no daemon runs: it takes the data-dir "
-        "lock) truncates at the first corruption and lists the sequence numbers it dropped.",
+        "lock) rebuilds a damaged segment header when the segment's records check under "
+        "the one the rest of the log implies, else truncates at the first corruption and "
+        "lists the sequence numbers it dropped; what it removes is kept as *.corrupt-<ns> files.",
     )
     p.add_argument("dir", nargs="?", help="the data dir (default: the default data dir)")
-    p.add_argument("--repair", action="store_true", help="truncate at the first corruption")
+    p.add_argument(
+        "--repair", action="store_true", help="rebuild a damaged header, else truncate at the first corruption"
+    )
     return parser
 
 

@@ -109,6 +109,7 @@ from .walformat import (
     RecordError,
     check_snapshot,
     decode_segment_header,
+    encode_segment_header,
     parse_segment_name,
     segment_name,
     snapshot_name,
@@ -682,46 +683,121 @@ def check_log(data_dir: Path, *, repair: bool = False, fileops: FileOps | None =
     try:
         if lock is not None:
             wait_for_compactor(data_dir)  # a compactor of a dead daemon must not run beside a repair
-        report = CheckReport(data_dir)
-        report.tmp_files = sorted(n for n in fo.listdir(data_dir)
-                                  if n.endswith(".log.tmp") and parse_segment_name(n[:-4]) is not None)
-        table = DictTable()
-        apply_fn = Applier(table, int(time.time() * 1000))
-        manifest, report.snapshot, scan, verdict, classified = _replay(data_dir, apply_fn, fo)
-        report.manifest = manifest
-        if classified:
-            report.leftovers = leftovers(data_dir, manifest, fo)
-        report.verdict = verdict.kind
-        report.records = scan.records
-        report.first_seqno = scan.first_seqno
-        report.last_seqno = scan.last_seqno
-        report.live_keys = len(table)
-        report.segments = [SegmentSummary(s.path, s.segno, s.first_seqno, s.last_seqno, s.records, s.size, s.end)
-                           for s in scan.segments]
-        report.problem = verdict.problem
-        report.reason = verdict.reason
-        p = verdict.problem
-        read = {s.path for s in scan.segments}
-        report.unread_segments = [path.name for _, path in list_segments(data_dir, fo) if path not in read]
-        later_paths: list[Path] = []
-        if p is not None:
-            report.damaged_bytes = max(0, verdict.damaged_end - p.offset)
-            report.intact_after = [r.seqno for r in verdict.intact_after if r.seqno > p.last_good_seqno]
-            later_paths = [path for n, path in list_segments(data_dir, fo) if n > p.segno]
-            if p.kind in _UNREPAIRABLE:
-                later_paths = []
-            elif p.kind in _WHOLE_SEGMENT:
-                later_paths = [path for n, path in list_segments(data_dir, fo) if n >= p.segno]
-                report.intact_after = []
-            report.intact_after += [s for s in _later_segment_seqnos(fo, later_paths) if s > p.last_good_seqno]
-            if report.intact_after:
-                report.dropped_seqnos = (p.last_good_seqno + 1, max(report.intact_after))
+        rebuilt: list[str] = []
+        tried: set[Path] = set()
+        while True:
+            report, verdict, later_paths, scan = _examine(fo, data_dir)
+            p = verdict.problem
+            if repair and p is not None and p.kind == "header" and p.path not in tried:
+                tried.add(p.path)
+                action = _rebuild_header(fo, data_dir, p, report.manifest, scan)
+                if action is not None:
+                    rebuilt.append(action)
+                    continue  # read the log again, through the rebuilt header
+            break
         if repair:
+            report.actions = rebuilt + report.actions
             _repair(fo, data_dir, report, verdict, later_paths)
         return report
     finally:
         if lock is not None:
             lock.release()
+
+
+def _examine(fo: FileOps, data_dir: Path) -> tuple[CheckReport, Verdict, list[Path], LogScan]:
+    """check_log's reading: (report, verdict, the segments a repair moves aside, the scan)."""
+    report = CheckReport(data_dir)
+    report.tmp_files = sorted(n for n in fo.listdir(data_dir)
+                              if n.endswith(".log.tmp") and parse_segment_name(n[:-4]) is not None)
+    table = DictTable()
+    apply_fn = Applier(table, int(time.time() * 1000))
+    manifest, report.snapshot, scan, verdict, classified = _replay(data_dir, apply_fn, fo)
+    report.manifest = manifest
+    if classified:
+        report.leftovers = leftovers(data_dir, manifest, fo)
+    report.verdict = verdict.kind
+    report.records = scan.records
+    report.first_seqno = scan.first_seqno
+    report.last_seqno = scan.last_seqno
+    report.live_keys = len(table)
+    report.segments = [SegmentSummary(s.path, s.segno, s.first_seqno, s.last_seqno, s.records, s.size, s.end)
+                       for s in scan.segments]
+    report.problem = verdict.problem
+    report.reason = verdict.reason
+    p = verdict.problem
+    read = {s.path for s in scan.segments}
+    report.unread_segments = [path.name for _, path in list_segments(data_dir, fo) if path not in read]
+    later_paths: list[Path] = []
+    if p is not None:
+        report.damaged_bytes = max(0, verdict.damaged_end - p.offset)
+        report.intact_after = [r.seqno for r in verdict.intact_after if r.seqno > p.last_good_seqno]
+        later_paths = [path for n, path in list_segments(data_dir, fo) if n > p.segno]
+        if p.kind in _UNREPAIRABLE:
+            later_paths = []
+        elif p.kind in _WHOLE_SEGMENT:
+            later_paths = [path for n, path in list_segments(data_dir, fo) if n >= p.segno]
+            report.intact_after = []
+        report.intact_after += [s for s in _later_segment_seqnos(fo, later_paths) if s > p.last_good_seqno]
+        if report.intact_after:
+            report.dropped_seqnos = (p.last_good_seqno + 1, max(report.intact_after))
+    return report, verdict, later_paths, scan
+
+
+def _rebuild_header(
+    fo: FileOps, data_dir: Path, p: Problem, manifest: Manifest | None, scan: LogScan
+) -> str | None:
+    """Rewrite a damaged segment header from what the rest of the log says it must hold,
+    if the segment's records check under it; the action for the report, or None.
+
+    A header holds nothing a neighbour does not: the segment number (its file name), its
+    first seqno (the MANIFEST's seal + 1, or the previous segment's last + 1) and the
+    log's salt (the MANIFEST's, or another segment's). A bit flip there need not cost the
+    records after it. The damaged header is kept as ``<name>.corrupt-<ns>``.
+    """
+    salt: int | None = manifest.salt if manifest is not None else None
+    if manifest is not None and p.segno == manifest.next_segno:
+        first = manifest.seal_seqno + 1
+    else:
+        prev = [s for s in scan.segments if s.segno == p.segno - 1 and s.problem is None]
+        if prev:
+            first = prev[0].last_seqno + 1
+            salt = prev[0].salt if salt is None else salt
+        elif manifest is None and p.segno == 1:
+            first = 1
+        else:
+            return None
+    if salt is None:  # segment 1 alone knows nothing: take a later segment's
+        for n, path in list_segments(data_dir, fo):
+            if n > p.segno:
+                salt = _salt_of(fo.read_file(path))
+                if salt is not None:
+                    break
+    if salt is None:
+        return None
+    buf = fo.read_file(p.path)
+    if nonzero_end(buf, SEGMENT_HEADER_SIZE) > SEGMENT_HEADER_SIZE:
+        recs = find_intact_records(buf, SEGMENT_HEADER_SIZE, len(buf), salt=salt)
+        if not recs or recs[0].offset != SEGMENT_HEADER_SIZE or recs[0].seqno != first:
+            return None  # its records do not follow on from there: not this log's, or worse
+    header = encode_segment_header(p.segno, first, 0, salt)
+    keep = p.path.with_name(f"{p.path.name}.corrupt-{time.time_ns()}")
+    kfd = fo.open(keep, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fo.pwrite_all(kfd, buf[:SEGMENT_HEADER_SIZE], 0)
+        fo.fdatasync(kfd)
+    finally:
+        fo.close(kfd)
+    fo.fsync_dir(data_dir)  # the copy of the damaged header is durable before it is replaced
+    fd = fo.open(p.path, os.O_RDWR)
+    try:
+        fo.pwrite_all(fd, header, 0)
+        fo.fdatasync(fd)
+    finally:
+        fo.close(fd)
+    return (
+        f"rebuilt the header of {p.path.name} (segment {p.segno}, first seqno {first}, the log's salt): "
+        f"its records check under it; the damaged header is kept in {keep.name}"
+    )
 
 
 def _repair(fo: FileOps, data_dir: Path, report: CheckReport, v: Verdict, later_paths: list[Path]) -> None:
