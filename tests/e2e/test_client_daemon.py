@@ -565,3 +565,31 @@ def test_a_socket_that_is_not_walcache_is_named_as_such(ws: Workspace) -> None:
     finally:
         t.join(10)
         srv.close()
+
+
+def test_connect_starts_a_daemon_again_after_one_stopped_and_leaves_no_zombie(ws: Workspace) -> None:
+    """The stopped daemon's table stays in /dev/shm (readers go on): connect() must still see
+    that no daemon runs and start one, and the daemons it starts are reaped when they exit."""
+    from walcache.paths import shm_namespace
+
+    data, sock = ws.root / "embedded", ws.root / "emb.sock"
+    pids: list[int] = []
+    try:
+        for round_ in range(2):
+            with walcache.connect(data, socket_path=sock) as c:
+                pid = c.stats()["pid"]
+                pids.append(pid)
+                if round_:
+                    assert c.get("a") == 1  # the first daemon's write, recovered
+                c.put("a", 1)
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20  # a hang guard: the reaper thread waits for it
+            while psutil.pid_exists(pid):
+                assert time.monotonic() < deadline, f"daemon {pid} left a zombie ({psutil.Process(pid).status()})"
+                time.sleep(0.02)
+        assert pids[0] != pids[1]
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        unlink_segments(shm_namespace(data))

@@ -521,7 +521,7 @@ def connect(
     ddir = Path(data_dir).resolve()
     sock_path = Path(socket_path) if socket_path is not None else _embedded_socket_path(ddir)
     try:
-        return Client(sock_path, timeout=timeout, data_dir=ddir)
+        return _connected(sock_path, timeout, ddir)
     except (DaemonUnavailable, TableUnavailable):
         pass
     ddir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -540,9 +540,14 @@ def connect(
     deadline = time.monotonic() + start_timeout
     while True:
         try:
-            return Client(sock_path, timeout=timeout, data_dir=ddir)
+            client = _connected(sock_path, timeout, ddir)
         except (DaemonUnavailable, TableUnavailable) as exc:
             last: WalcacheError = exc
+        else:
+            # Reap the daemon when it exits (it is this process's child): no zombie. Only
+            # now: poll() above and a wait() in another thread would contend for it.
+            threading.Thread(target=proc.wait, name="walcache-daemon-reaper", daemon=True).start()
+            return client
         code = proc.poll()
         if code is not None and code != 0:
             # Another process may have won the race to start the daemon (ours then
@@ -557,6 +562,16 @@ def connect(
                 f"(last error: {last}); see {ddir / 'walcache.log'}"
             )
         time.sleep(0.02)
+
+
+def _connected(sock_path: Path, timeout: float, data_dir: Path) -> Client:
+    """A Client with a live daemon behind it: one built for a data dir only reads when no
+    daemon answers (the last table stays in /dev/shm), which must not pass for "one runs"."""
+    client = Client(sock_path, timeout=timeout, data_dir=data_dir)
+    if client._sock is None:
+        client.close()
+        raise DaemonUnavailable(f"no walcache daemon on {sock_path}")
+    return client
 
 
 def _lock_held(data_dir: Path) -> bool:
