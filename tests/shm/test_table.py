@@ -994,3 +994,27 @@ def test_a_restart_retires_every_index_of_a_writer_that_died_moving_one(namespac
         for r in readers:
             r.close()
         old.close(unlink=True)
+
+
+def test_publish_removes_segments_of_its_namespace_that_nothing_names(namespace: str) -> None:
+    """A writer killed during a rebuild leaves a segment it never published: no control
+    segment names it, so no reader can find it. The next publish removes it."""
+    first = ShmTable.create(namespace, capacity=8)
+    put(first, "k", "v1")
+    first.publish()
+    orphan = ShmTable.create(namespace, capacity=8)  # built, never published
+    assert orphan._seg is not None
+    orphan_name = orphan._seg.name
+    orphan.close()
+    assert os.path.exists("/dev/shm" + orphan_name)
+    second = ShmTable.create(namespace, capacity=8)
+    put(second, "k", "v2")
+    second.publish()
+    try:
+        assert second._seg is not None
+        assert segments_of(namespace) == ["/" + namespace.lstrip("/"), second._seg.name]  # control + current
+        with ShmReader(namespace) as r:
+            assert r.lookup("k") == "v2"
+    finally:
+        first.close()
+        second.close(unlink=True)

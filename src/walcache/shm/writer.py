@@ -741,6 +741,15 @@ class ShmTable:
             # then reads through the daemon) instead of reading a frozen table forever.
             self._retire_by_name(self._older_layout_segment)
             self._older_layout_segment = ""
+        # Segments of this namespace that no control segment names any more: a table a
+        # writer killed mid-rebuild never published, or one whose retirement it did not
+        # finish. Nothing can find them (readers go through the control segment), so
+        # they would hold /dev/shm for good. Only when the control segment was one this
+        # writer reads (it named ``previous``): beside another layout's, touch nothing.
+        if previous:
+            for orphan in _namespace_segments(self.namespace):
+                if orphan != seg.name:
+                    self._retire_by_name(orphan, only_known=True)
         log.info(
             "published shm table %s (generation %d, %d keys, %d slots, %d bytes)",
             seg.name, ctlq[C_GENERATION], self._live, seg.capacity, seg.size,
@@ -1093,21 +1102,30 @@ class ShmTable:
         _store_moved(seg.slots)
         _unlink(seg.name)
 
-    def _retire_by_name(self, name: str) -> None:
+    def _retire_by_name(self, name: str, *, only_known: bool = False) -> None:
+        """Mark a previous segment stale (MOVED in its indexes) and unlink it.
+
+        ``only_known``: leave a segment whose layout this writer does not know (a newer
+        walcache's) untouched; otherwise it is unlinked without being marked.
+        """
         try:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError:
             return
         try:
             if shm.size < HEADER_SIZE:
+                if not only_known:
+                    shm.unlink()
                 return
             mm = mmap.mmap(shm.fd, shm.size)
         finally:
             shm.close_fd()
-            shm.unlink()
+        indexes = _every_index(HEADER_STRUCT.unpack_from(mm, 0), len(mm))
+        if not indexes and only_known:
+            mm.close()
+            return
+        shm.unlink()
         try:
-            hdr = HEADER_STRUCT.unpack_from(mm, 0)
-            indexes = _every_index(hdr, len(mm))
             if indexes:
                 q = memoryview(mm).cast("Q")
                 q[H_STALE] = 1
@@ -1220,6 +1238,16 @@ def _every_index(hdr: tuple[Any, ...], size: int) -> list[tuple[int, int]]:
                 return []  # a moved index always lies past the data area's start
             ranges.append((slot0, size // 8))
     return ranges
+
+
+def _namespace_segments(namespace: str) -> list[str]:
+    """Names (with the leading "/") of the data segments of ``namespace`` in /dev/shm."""
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:  # pragma: no cover - Linux always has it
+        return []
+    prefix = namespace.lstrip("/") + "."
+    return ["/" + n for n in names if n.startswith(prefix)]
 
 
 def _store_moved(slots: memoryview) -> None:
