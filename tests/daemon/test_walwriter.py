@@ -582,3 +582,21 @@ def test_no_space_after_the_new_segment_is_renamed_fails_the_log(tmp_path: Path)
     w2.close()
     assert report.last_seqno == 3 and sorted(table.entries) == [b"bk0", b"bk1", b"bk2"]
     assert [r.seqno for r in all_records(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_a_data_dir_moved_under_the_log_stops_it_instead_of_splitting_it(tmp_path: Path) -> None:
+    """mv data data.old && mkdir data while the daemon runs: the next segment would go into
+    the new, empty directory and the log would be split across two. The rotation refuses."""
+    d = tmp_path / "data"
+    writer, _, _ = recover(d, segment_bytes=4096)
+    for i in range(3):
+        writer.append(writer.encode(_put(i, size=1000))[1])
+    d.rename(tmp_path / "data.old")
+    d.mkdir()
+    with pytest.raises(LogFailed, match="no longer the directory this log was opened in"):
+        writer.append(writer.encode(_put(3, size=1000))[1])  # needs the next segment
+    writer.close()
+    assert list(d.iterdir()) == []
+    w2, report, table = recover(tmp_path / "data.old")
+    w2.close()
+    assert report.last_seqno == 3 and sorted(table.entries) == [b"bk0", b"bk1", b"bk2"]

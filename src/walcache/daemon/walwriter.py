@@ -181,6 +181,11 @@ class WalWriter:
         self.check_config(policy, interval_ms, segment_bytes)
         # Seconds, for the interval policy and the sync latencies (tests pass a fake one).
         self.clock = clock
+        # The directory this log lives in: new segments go into it by path, so a data
+        # dir moved (and maybe replaced) under a running daemon must stop the log, not
+        # split it across two directories.
+        st = os.stat(data_dir)
+        self._dir_id = (st.st_dev, st.st_ino)
         self.data_dir = data_dir
         self.fileops = fileops
         self.policy = policy
@@ -464,7 +469,18 @@ class WalWriter:
             self._file_size = self.offset
             self._dirty = True
             self._sync_locked()
-        # 2-4. The next segment, durable under its final name.
+        # 2-4. The next segment, durable under its final name, in the same directory.
+        try:
+            st = os.stat(self.data_dir)
+            same = (st.st_dev, st.st_ino) == self._dir_id
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise OSError(
+                errno.ESTALE,
+                f"{self.data_dir} is no longer the directory this log was opened in "
+                "(moved or replaced while the daemon ran)",
+            )
         final = self.data_dir / segment_name(self.segno + 1)
         try:
             fd, path = create_segment(
