@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
 import socket
 import stat
@@ -593,3 +594,26 @@ def test_connect_starts_a_daemon_again_after_one_stopped_and_leaves_no_zombie(ws
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         unlink_segments(shm_namespace(data))
+
+
+def _put_and_read_back(arg: tuple[walcache.Client, int]) -> object:
+    client, i = arg
+    client.put(f"p{i}", i)
+    return client.get(f"p{i}")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_client_passed_to_a_pool_reopens_in_the_worker(ws: Workspace, method: str) -> None:
+    """A Client pickles as how to open it again (socket, timeout, data dir): each worker gets
+    its own connection to the same daemon and table."""
+    import multiprocessing as mp
+
+    d = ws.daemon().start()
+    with walcache.Client(d.socket_path, data_dir=d.data_dir) as c:
+        with mp.get_context(method).Pool(2) as pool:
+            got = pool.map(_put_and_read_back, [(c, i) for i in range(6)])
+        assert got == list(range(6))
+        assert c.get_many([f"p{i}" for i in range(6)]) == {f"p{i}": i for i in range(6)}
+        again = pickle.loads(pickle.dumps(c))
+        assert again.namespace == c.namespace and again.socket_path == c.socket_path
+        again.close()

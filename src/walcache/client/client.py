@@ -113,6 +113,7 @@ class Client(MutableMapping[Key, Any]):
         self._rview = memoryview(self._rbuf)
         self._reader: Reader | None = None
         self._closed = False
+        self._data_dir = data_dir  # kept for pickling (see __reduce__)
         self.namespace: str | None = shm_namespace(data_dir) if data_dir is not None else None
         self.daemon_info: dict[str, Any] = {}
         try:
@@ -121,6 +122,11 @@ class Client(MutableMapping[Key, Any]):
             if self.namespace is None:
                 raise
         self._open_reader()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (a multiprocessing pool's argument, say) as how to open it again: the
+        worker gets its own Client on the same socket and table, not this one's socket."""
+        return (_reopen, (str(self.socket_path), self.timeout, self._data_dir))
 
     # ------------------------------------------------------------ plumbing
 
@@ -562,6 +568,11 @@ def connect(
                 f"(last error: {last}); see {ddir / 'walcache.log'}"
             )
         time.sleep(0.02)
+
+
+def _reopen(socket_path: str, timeout: float, data_dir: str | os.PathLike[str] | None) -> Client:
+    """Unpickling a Client: a new one on the same socket and data dir."""
+    return Client(socket_path, timeout=timeout, data_dir=data_dir)
 
 
 def _connected(sock_path: Path, timeout: float, data_dir: Path) -> Client:
