@@ -129,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repair", action="store_true", help="rebuild a damaged header, else truncate at the first corruption"
     )
+
+    p = sub.add_parser(
+        "drop-shm",
+        help="remove the shared table a stopped daemon left in /dev/shm",
+        description="A stopped daemon's table stays in /dev/shm, so that readers keep the "
+        "last state. drop-shm removes it (the control and data segments of DIR's table) "
+        "when no daemon runs for DIR: it takes the data-dir lock. Processes that still map "
+        "the table keep their mapping until they close it. The log is not touched: the "
+        "next daemon builds the table from it again.",
+    )
+    p.add_argument("dir", nargs="?", help="the data dir (default: the default data dir)")
     return parser
 
 
@@ -222,6 +233,21 @@ def _run(args: argparse.Namespace, seams: dict[str, Any]) -> int:
         report = check_log(ddir, repair=args.repair)  # --repair takes the data-dir lock
         print(report.format())
         return EXIT_OK if report.ok or args.repair else EXIT_ERROR
+    if cmd == "drop-shm":
+        from .daemon.lock import DataDirLock
+        from .paths import default_data_dir, shm_namespace
+        from .shm.writer import drop_namespace
+
+        ddir = Path(args.dir) if args.dir else default_data_dir()
+        if not ddir.is_dir():
+            raise ConfigError(f"{ddir} is not a directory")
+        with DataDirLock(ddir):  # DataDirLocked (exit 4) while a daemon runs for it
+            removed = drop_namespace(shm_namespace(ddir))
+        for name, size in removed:
+            print(f"removed {name} ({size} bytes)")
+        if not removed:
+            print(f"no shared table of {ddir} in /dev/shm")
+        return EXIT_OK
     value: Any
     with _client(args) as c:
         if cmd == "get":

@@ -352,3 +352,22 @@ def test_a_data_dir_that_is_a_file_is_refused_by_name(ws: Workspace) -> None:
     r = cli("serve", "--data-dir", str(f), "--socket", str(ws.root / "s.sock"))
     assert r.returncode == 2 and f"{f} is a file, not a directory".encode() in r.stderr, r
     assert f.read_text() == "x"
+
+
+def test_drop_shm_removes_a_stopped_daemons_table_and_nothing_else(ws: Workspace) -> None:
+    d = ws.daemon().start()
+    with d.client() as c:
+        c.put("k", "v")
+    running = cli("drop-shm", str(d.data_dir))
+    assert running.returncode == 4 and f"pid {d.pid}".encode() in running.stderr, running
+    d.stop()
+    left = sorted(n for n in os.listdir("/dev/shm") if n.startswith(d.namespace))
+    assert left, "a stopped daemon leaves its table for readers"
+    out = cli("drop-shm", str(d.data_dir))
+    assert out.returncode == 0, out
+    assert all(f"removed /{n}".encode() in out.stdout for n in left), out.stdout
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(d.namespace)]
+    assert cli("drop-shm", str(d.data_dir)).stdout.startswith(b"no shared table")
+    d.start()  # the log is untouched: the table comes back from it
+    with d.client() as c:
+        assert c.get("k") == "v"

@@ -1240,6 +1240,22 @@ def _every_index(hdr: tuple[Any, ...], size: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def drop_namespace(namespace: str) -> list[tuple[str, int]]:
+    """Unlink the control and data segments of ``namespace``: (name, bytes) of each.
+
+    For a table no daemon writes any more (the caller holds its data dir's lock).
+    """
+    removed = []
+    for name in [ctl_name(namespace), *_namespace_segments(namespace)]:
+        try:
+            size = os.stat("/dev/shm" + name).st_size
+            posix_ipc.unlink_shared_memory(name)
+        except (FileNotFoundError, posix_ipc.ExistentialError):
+            continue
+        removed.append((name, size))
+    return removed
+
+
 def _namespace_segments(namespace: str) -> list[str]:
     """Names (with the leading "/") of the data segments of ``namespace`` in /dev/shm."""
     try:
