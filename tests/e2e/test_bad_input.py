@@ -528,3 +528,28 @@ def test_wrong_arguments_say_which_one(ws: Workspace) -> None:
     r = read_reply(s, proto)
     assert not r.ok and "wrong arguments for delete: 0 arguments, not 1" in str(r.value), r.value
     s.close()
+
+
+def test_table_files_removed_under_a_running_daemon_come_back(ws: Workspace) -> None:
+    """RemoveIPC at a user's logout (or an rm in /dev/shm) removes the table's files: within a
+    tick the daemon puts them back; new clients attach and old ones read new writes."""
+    d = ws.daemon().start()
+    with d.client(data_dir=d.data_dir) as old:
+        old.put("k", 1)
+        for n in os.listdir("/dev/shm"):
+            if n.startswith(d.namespace):
+                os.unlink("/dev/shm/" + n)
+        deadline = time.monotonic() + 30  # a hang guard: the daemon's tick is 1 s
+        while True:
+            try:
+                new = walcache.Client(d.socket_path, data_dir=d.data_dir)
+                break
+            except walcache.TableUnavailable:
+                assert time.monotonic() < deadline, "the table's names did not come back"
+                time.sleep(0.05)
+        with new:
+            new.put("k", 2)
+            assert new.get("k") == 2 and old.get("k") == 2
+            old.put("k2", 3)
+            assert new.get("k2") == 3 and old.get("k2") == 3
+    assert "had been removed from /dev/shm: restored" in d.log()

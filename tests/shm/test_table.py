@@ -1018,3 +1018,39 @@ def test_publish_removes_segments_of_its_namespace_that_nothing_names(namespace:
     finally:
         first.close()
         second.close(unlink=True)
+
+
+@pytest.mark.parametrize("lost", ["control", "control+data", "data"])
+def test_names_removed_from_dev_shm_are_restored_and_every_reader_follows(namespace: str, lost: str) -> None:
+    """systemd-logind's RemoveIPC (or a hand-made cleanup) unlinks the table's files under a
+    running writer: restore_names() puts them back, new readers attach again, and readers
+    that mapped the old ones see every later write."""
+    table = ShmTable.create(namespace, capacity=8)
+    put(table, "k", "v1")
+    table.publish()
+    readers = _readers(namespace)
+    try:
+        assert table.restore_names() == ""  # nothing missing: nothing done
+        assert table._seg is not None
+        put(table, "other", 1)
+        table.publish()  # generation 2: the restored control segment must not go back to 1
+        before = table.generation
+        if "control" in lost:
+            os.unlink(SHM_DIR + layout.ctl_name(namespace))
+        if "data" in lost:
+            os.unlink(SHM_DIR + table._seg.name)
+        restored = table.restore_names()
+        assert restored == {"control": "control segment", "control+data": "control segment and data segment",
+                            "data": "data segment"}[lost]  # fmt: skip
+        assert table.restore_names() == ""
+        assert table.generation > before  # generations only go up, in the new control segment too
+        put(table, "k", "v2")
+        put(table, "new", "n")
+        for r in readers:
+            assert (r.lookup("k"), r.lookup("new")) == ("v2", "n"), type(r).__name__
+        with ShmReader(namespace) as late:  # a reader attaching after the removal
+            assert (late.lookup("k"), late.lookup("new")) == ("v2", "n")
+    finally:
+        for r in readers:
+            r.close()
+        table.close(unlink=True)

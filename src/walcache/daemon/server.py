@@ -629,11 +629,19 @@ class Daemon:
                 self.table.heartbeat()
                 # Expired entries read as missing already; this frees their space.
                 self.table.purge_expired()
+                self._restore_table_names()
                 if wd:
                     notify.watchdog()
             if self.stopping and self._drained():
                 break
         return self._shutdown()
+
+    def _restore_table_names(self) -> None:
+        """Once a tick: put the table's names back if something removed them from /dev/shm."""
+        try:
+            self.table.restore_names()
+        except Exception:  # noqa: BLE001 - e.g. /dev/shm full: readers already attached go on
+            log.exception("could not restore the shared table's names in /dev/shm")
 
     def _busy_poll(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
         """``select(timeout)``, after polling without sleeping for up to --busy-poll-us.

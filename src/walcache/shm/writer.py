@@ -293,6 +293,9 @@ class ShmTable:
         self._seg: _Segment | None = None
         self._ctl: mmap.mmap | None = None
         self._ctlq: memoryview | None = None
+        # Control segments whose name was removed under us (restore_names): readers that
+        # mapped one before go on following this table through it, so it gets every update.
+        self._lost_ctls: list[tuple[mmap.mmap, memoryview]] = []
         # The data segment a control segment of an older layout named when _open_ctl
         # replaced it: publish() retires it, so that readers of that layout move off it.
         self._older_layout_segment = ""
@@ -810,6 +813,43 @@ class ShmTable:
         if self._ctl is not None:
             self._ctl.close()
             self._ctl = None
+        for mm, q in self._lost_ctls:
+            q.release()
+            mm.close()
+        self._lost_ctls = []
+
+    def restore_names(self) -> str:
+        """Put back the names of the published table if something removed them from
+        /dev/shm (systemd-logind's RemoveIPC at a user's logout, a hand-made cleanup):
+        without them no new reader can attach. Returns what was restored ("" if nothing).
+
+        A removed control segment is made again under its name with the same contents
+        (generations only go up); the old one keeps being updated for the readers that
+        map it. A removed data segment cannot get its name back: the table is rebuilt
+        into a new segment, which every control segment then names, and the old one is
+        retired, so its readers move.
+        """
+        seg = self._seg
+        if seg is None or not self._published or self._ctl is None or self._ctlq is None:
+            return ""
+        ctl = ctl_name(self.namespace)
+        lost_ctl = not os.path.exists(SHM_DIR + ctl)
+        lost_seg = not os.path.exists(SHM_DIR + seg.name)
+        if not (lost_ctl or lost_seg):
+            return ""
+        if lost_ctl:
+            old_mm, old_q = self._ctl, self._ctlq
+            mm = self._create_ctl(ctl)
+            mm[:CTL_SIZE] = old_mm[:CTL_SIZE]
+            self._lost_ctls.append((old_mm, old_q))
+            self._ctl, self._ctlq = mm, memoryview(mm).cast("Q")
+        if lost_seg:
+            self._rebuild(extra_words=0, extra_keys=0)  # points every control segment at it
+        else:
+            self._point_ctl_at(seg)
+        what = " and ".join(w for w, lost in (("control segment", lost_ctl), ("data segment", lost_seg)) if lost)
+        log.warning("the %s of shm table /%s had been removed from /dev/shm: restored", what, self.namespace)
+        return what
 
     def __enter__(self) -> ShmTable:
         return self
@@ -1210,6 +1250,11 @@ class ShmTable:
         # seq zeroed for a moment is even: a reader took the zeroed name for "no table yet".
         CTL_TAIL.pack_into(self._ctl, 8 * C_GENERATION, generation, seg.size, len(name), name)
         ctlq[C_SEQ] = s + 2
+        for mm, q in self._lost_ctls:
+            s = q[C_SEQ]
+            q[C_SEQ] = s + 1
+            CTL_TAIL.pack_into(mm, 8 * C_GENERATION, generation, seg.size, len(name), name)
+            q[C_SEQ] = s + 2
 
 
 def _every_index(hdr: tuple[Any, ...], size: int) -> list[tuple[int, int]]:
@@ -1248,7 +1293,7 @@ def drop_namespace(namespace: str) -> list[tuple[str, int]]:
     removed = []
     for name in [ctl_name(namespace), *_namespace_segments(namespace)]:
         try:
-            size = os.stat("/dev/shm" + name).st_size
+            size = os.stat(SHM_DIR + name).st_size
             posix_ipc.unlink_shared_memory(name)
         except (FileNotFoundError, posix_ipc.ExistentialError):
             continue
@@ -1256,10 +1301,13 @@ def drop_namespace(namespace: str) -> list[tuple[str, int]]:
     return removed
 
 
+SHM_DIR = "/dev/shm"
+
+
 def _namespace_segments(namespace: str) -> list[str]:
     """Names (with the leading "/") of the data segments of ``namespace`` in /dev/shm."""
     try:
-        names = os.listdir("/dev/shm")
+        names = os.listdir(SHM_DIR)
     except OSError:  # pragma: no cover - Linux always has it
         return []
     prefix = namespace.lstrip("/") + "."
