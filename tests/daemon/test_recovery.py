@@ -128,7 +128,7 @@ def test_torn_tail_is_dropped_and_logged_with_file_offset_and_bytes(
     assert report.truncated_bytes == len(buf[last.offset : last.offset + 30].rstrip(b"\0"))
     assert report.last_seqno == 9 and table.snapshot() == state_after(written, 9)
     msg = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert str(src / SEG1) in msg and f"offset {last.offset}" in msg and f"dropped {report.truncated_bytes} bytes" in msg
+    assert str(src / SEG1) in msg and f"offset {last.offset}" in msg and f"zeroed {report.truncated_bytes} bytes" in msg
     # The dropped bytes are gone for good: the next open sees a clean log.
     _, report2, _ = recover(src)
     assert report2.truncated_bytes == 0 and report2.last_seqno == 9

@@ -523,7 +523,8 @@ def open_log(
                 report.truncated_offset = offset
                 report.dropped_intact = len(verdict.intact_after)
                 log.warning(
-                    "torn tail in %s at offset %d: dropped %d bytes (%s: %s; %d whole records after it, "
+                    "torn tail in %s at offset %d: zeroed %d bytes, to the last non-zero one (%s: %s; "
+                    "%d whole records after it, "
                     "seqnos %s; a write cut off by a crash was never acknowledged under fsync=always, "
                     "but damage to a synced record looks the same); the log ends at seqno %d",
                     path, offset, report.truncated_bytes, p.kind, p.detail, len(verdict.intact_after),
