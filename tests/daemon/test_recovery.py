@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import shutil
+import struct
 import signal
 import subprocess
 import sys
@@ -826,3 +827,25 @@ def test_repair_does_not_rebuild_a_header_its_records_do_not_follow(tmp_path: Pa
     report = check_log(tmp_path / "a", repair=True)
     assert not any(a.startswith("rebuilt") for a in report.actions), report.actions
     assert any(f"moved {seg.name} aside" in a for a in report.actions), report.actions
+
+
+def test_repair_does_not_rebuild_an_intact_header_of_another_format_version(tmp_path: Path) -> None:
+    """A header whose checksum holds but whose version this walcache does not read (a newer
+    walcache's segment after a downgrade) is no damage: repair must not relabel it."""
+    import zlib
+
+    from walcache.daemon.walformat import FORMAT_VERSION, RESIDUE, SEGMENT_HEADER, SEGMENT_MAGIC, decode_segment_header
+
+    seg, _ = _damaged_header_log(tmp_path, snapshot=False)
+    flip_byte(seg, 20, 0x01)  # undo the flip: the header is whole again
+    buf = bytearray(seg.read_bytes())
+    h = decode_segment_header(buf)
+    body = SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION + 1, SEGMENT_HEADER_SIZE, h.segno, h.first_seqno,
+                               h.created_ns, h.salt, 0)[:-4]  # fmt: skip
+    buf[:SEGMENT_HEADER_SIZE] = body + struct.pack("<I", zlib.crc32(body, RESIDUE))
+    seg.write_bytes(bytes(buf))
+    report = check_log(tmp_path, repair=True)
+    assert not any(a.startswith("rebuilt") for a in report.actions), report.actions
+    # Left as it was: the segment is moved aside whole, its header unchanged.
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith(seg.name + ".corrupt-")]
+    assert kept.read_bytes()[:SEGMENT_HEADER_SIZE] == bytes(buf[:SEGMENT_HEADER_SIZE])

@@ -617,3 +617,20 @@ def test_a_client_passed_to_a_pool_reopens_in_the_worker(ws: Workspace, method: 
         again = pickle.loads(pickle.dumps(c))
         assert again.namespace == c.namespace and again.socket_path == c.socket_path
         again.close()
+
+
+def test_a_client_unpickled_while_the_daemon_is_down_reads_and_its_writes_fail_fast(ws: Workspace) -> None:
+    """Unpickling must not fail for want of a daemon (a pool's worker would die of it and the
+    pool wait forever): the pickle carries the table's name, so reads work without one."""
+    d = ws.daemon().start()
+    with walcache.Client(d.socket_path) as c:  # no data dir: the name comes from the daemon
+        c.put("k", 1)
+        data = pickle.dumps(c)
+    d.stop()
+    again = pickle.loads(data)
+    try:
+        assert again.get("k") == 1
+        with pytest.raises(walcache.DaemonUnavailable):
+            again.put("k", 2)
+    finally:
+        again.close()

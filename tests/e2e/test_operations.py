@@ -356,6 +356,7 @@ def test_a_data_dir_that_is_a_file_is_refused_by_name(ws: Workspace) -> None:
 
 def test_drop_shm_removes_a_stopped_daemons_table_and_nothing_else(ws: Workspace) -> None:
     d = ws.daemon().start()
+    attached = d.client(data_dir=d.data_dir)  # stays attached through the drop and a restart
     with d.client() as c:
         c.put("k", "v")
     running = cli("drop-shm", str(d.data_dir))
@@ -371,3 +372,6 @@ def test_drop_shm_removes_a_stopped_daemons_table_and_nothing_else(ws: Workspace
     d.start()  # the log is untouched: the table comes back from it
     with d.client() as c:
         assert c.get("k") == "v"
+    with attached:  # it was told its table was retired: it reads its own writes again
+        attached.put("k", "new")
+        assert attached.get("k") == "new"

@@ -1054,3 +1054,23 @@ def test_names_removed_from_dev_shm_are_restored_and_every_reader_follows(namesp
         for r in readers:
             r.close()
         table.close(unlink=True)
+
+
+def test_publish_removes_an_orphan_killed_before_its_header_was_written(namespace: str) -> None:
+    """A segment is sized and committed before its header is written: a writer killed in
+    between leaves zeros where the header goes. It is this writer's kind, unfinished."""
+    import posix_ipc
+
+    first = ShmTable.create(namespace, capacity=8)
+    first.publish()
+    name = "/" + namespace.lstrip("/") + ".00000000deadbeef.9"
+    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=1 << 16)
+    shm.close_fd()
+    second = ShmTable.create(namespace, capacity=8)
+    second.publish()
+    try:
+        assert second._seg is not None
+        assert segments_of(namespace) == ["/" + namespace.lstrip("/"), second._seg.name]
+    finally:
+        first.close()
+        second.close(unlink=True)

@@ -101,6 +101,16 @@ class Client(MutableMapping[Key, Any]):
         timeout: float = 5.0,
         data_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        self._open(socket_path, timeout, data_dir, None)
+
+    def _open(
+        self,
+        socket_path: str | os.PathLike[str] | None,
+        timeout: float,
+        data_dir: str | os.PathLike[str] | None,
+        namespace: str | None,
+    ) -> None:
+        """__init__, and unpickling with the table's name already known (``namespace``)."""
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
             raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.socket_path = Path(socket_path) if socket_path is not None else default_socket_path()
@@ -114,19 +124,23 @@ class Client(MutableMapping[Key, Any]):
         self._reader: Reader | None = None
         self._closed = False
         self._data_dir = data_dir  # kept for pickling (see __reduce__)
-        self.namespace: str | None = shm_namespace(data_dir) if data_dir is not None else None
+        self.namespace: str | None = shm_namespace(data_dir) if data_dir is not None else namespace
         self.daemon_info: dict[str, Any] = {}
         try:
             self._connect()
         except DaemonUnavailable:
             if self.namespace is None:
                 raise
-        self._open_reader()
+        try:
+            self._open_reader()
+        except BaseException:
+            self._drop_socket()
+            raise
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (a multiprocessing pool's argument, say) as how to open it again: the
         worker gets its own Client on the same socket and table, not this one's socket."""
-        return (_reopen, (str(self.socket_path), self.timeout, self._data_dir))
+        return (_reopen, (str(self.socket_path), self.timeout, self._data_dir, self.namespace))
 
     # ------------------------------------------------------------ plumbing
 
@@ -563,6 +577,8 @@ def connect(
                     f"the daemon for {ddir} exited with status {code}; see {ddir / 'walcache.log'}"
                 ) from None
         if time.monotonic() > deadline:
+            if proc.poll() is None:  # still starting (or stuck): reaped whenever it exits
+                threading.Thread(target=proc.wait, name="walcache-daemon-reaper", daemon=True).start()
             raise DaemonUnavailable(
                 f"no daemon answered on {sock_path} within {start_timeout} s "
                 f"(last error: {last}); see {ddir / 'walcache.log'}"
@@ -570,9 +586,15 @@ def connect(
         time.sleep(0.02)
 
 
-def _reopen(socket_path: str, timeout: float, data_dir: str | os.PathLike[str] | None) -> Client:
-    """Unpickling a Client: a new one on the same socket and data dir."""
-    return Client(socket_path, timeout=timeout, data_dir=data_dir)
+def _reopen(
+    socket_path: str, timeout: float, data_dir: str | os.PathLike[str] | None, namespace: str | None
+) -> Client:
+    """Unpickling a Client: a new one on the same socket and table. With the table's name
+    known, a daemon that is down does not fail the unpickling (a pool's worker would die
+    of it, and the pool wait for its task forever): reads work, writes raise in the task."""
+    client = Client.__new__(Client)
+    client._open(socket_path, timeout, data_dir, namespace)
+    return client
 
 
 def _connected(sock_path: Path, timeout: float, data_dir: Path) -> Client:

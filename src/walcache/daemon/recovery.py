@@ -88,6 +88,7 @@ import logging
 import os
 import secrets
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,7 @@ from .walformat import (
     SNAPSHOT_HEADER_SIZE,
     Manifest,
     Op,
+    RESIDUE,
     RecordError,
     check_snapshot,
     decode_segment_header,
@@ -755,6 +757,9 @@ def _rebuild_header(
     log's salt (the MANIFEST's, or another segment's). A bit flip there need not cost the
     records after it. The damaged header is kept as ``<name>.corrupt-<ns>``.
     """
+    head = fo.read_file(p.path)[:SEGMENT_HEADER_SIZE]
+    if len(head) == SEGMENT_HEADER_SIZE and zlib.crc32(head, RESIDUE) == RESIDUE:
+        return None  # an intact header this walcache refuses (another format version): not damage
     salt: int | None = manifest.salt if manifest is not None else None
     if manifest is not None and p.segno == manifest.next_segno:
         first = manifest.seal_seqno + 1

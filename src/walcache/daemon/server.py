@@ -639,7 +639,7 @@ class Daemon:
     def _restore_table_names(self) -> None:
         """Once a tick: put the table's names back if something removed them from /dev/shm."""
         try:
-            self.table.restore_names()
+            self.table.restore_names(self.pending_puts, self.pending_words)
         except Exception:  # noqa: BLE001 - e.g. /dev/shm full: readers already attached go on
             log.exception("could not restore the shared table's names in /dev/shm")
 

@@ -818,7 +818,7 @@ class ShmTable:
             mm.close()
         self._lost_ctls = []
 
-    def restore_names(self) -> str:
+    def restore_names(self, pending_keys: int = 0, pending_words: int = 0) -> str:
         """Put back the names of the published table if something removed them from
         /dev/shm (systemd-logind's RemoveIPC at a user's logout, a hand-made cleanup):
         without them no new reader can attach. Returns what was restored ("" if nothing).
@@ -832,6 +832,8 @@ class ShmTable:
         seg = self._seg
         if seg is None or not self._published or self._ctl is None or self._ctlq is None:
             return ""
+        if seg.q[H_STALE]:
+            return ""  # another writer retired this table: the namespace is not ours to restore
         ctl = ctl_name(self.namespace)
         lost_ctl = not os.path.exists(SHM_DIR + ctl)
         lost_seg = not os.path.exists(SHM_DIR + seg.name)
@@ -840,11 +842,19 @@ class ShmTable:
         if lost_ctl:
             old_mm, old_q = self._ctl, self._ctlq
             mm = self._create_ctl(ctl)
-            mm[:CTL_SIZE] = old_mm[:CTL_SIZE]
+            q = memoryview(mm).cast("Q")
+            # The old contents under the seqlock (odd while copied; then past the old seq).
+            s = old_q[C_SEQ]
+            q[C_SEQ] = s + 1
+            mm[8 * C_GENERATION : CTL_SIZE] = old_mm[8 * C_GENERATION : CTL_SIZE]
+            q[C_SEQ] = s + 2
             self._lost_ctls.append((old_mm, old_q))
-            self._ctl, self._ctlq = mm, memoryview(mm).cast("Q")
+            self._ctl, self._ctlq = mm, q
         if lost_seg:
-            self._rebuild(extra_words=0, extra_keys=0)  # points every control segment at it
+            # Room for what the caller has reserved and not applied yet (ShmTable.reserve's
+            # promise: applying a logged record never needs new memory). Every control
+            # segment then names the new one.
+            self._rebuild(extra_words=pending_words, extra_keys=pending_keys)
         else:
             self._point_ctl_at(seg)
         what = " and ".join(w for w, lost in (("control segment", lost_ctl), ("data segment", lost_seg)) if lost)
@@ -1143,41 +1153,7 @@ class ShmTable:
         _unlink(seg.name)
 
     def _retire_by_name(self, name: str, *, only_known: bool = False) -> None:
-        """Mark a previous segment stale (MOVED in its indexes) and unlink it.
-
-        ``only_known``: leave a segment whose layout this writer does not know (a newer
-        walcache's) untouched; otherwise it is unlinked without being marked.
-        """
-        try:
-            shm = posix_ipc.SharedMemory(name)
-        except posix_ipc.ExistentialError:
-            return
-        try:
-            if shm.size < HEADER_SIZE:
-                if not only_known:
-                    shm.unlink()
-                return
-            mm = mmap.mmap(shm.fd, shm.size)
-        finally:
-            shm.close_fd()
-        indexes = _every_index(HEADER_STRUCT.unpack_from(mm, 0), len(mm))
-        if not indexes and only_known:
-            mm.close()
-            return
-        shm.unlink()
-        try:
-            if indexes:
-                q = memoryview(mm).cast("Q")
-                q[H_STALE] = 1
-                for start, end in indexes:
-                    with q[start:end] as slots:
-                        _store_moved(slots)
-                q.release()
-            else:
-                log.warning("previous shm segment %s has an unknown layout: unlinked without marking it", name)
-        finally:
-            mm.close()
-        log.info("retired previous shm segment %s", name)
+        _retire_named(name, only_known=only_known)
 
     # -- control segment ----------------------------------------------------------------------
 
@@ -1285,18 +1261,64 @@ def _every_index(hdr: tuple[Any, ...], size: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def _retire_named(name: str, *, only_known: bool = False) -> None:
+    """Mark a previous segment stale (MOVED in its indexes) and unlink it.
+
+    ``only_known``: leave a segment whose layout this writer does not know (a newer
+    walcache's) untouched; otherwise it is unlinked without being marked.
+    """
+    try:
+        shm = posix_ipc.SharedMemory(name)
+    except posix_ipc.ExistentialError:
+        return
+    try:
+        if shm.size < HEADER_SIZE:
+            if not only_known:
+                shm.unlink()
+            return
+        mm = mmap.mmap(shm.fd, shm.size)
+    finally:
+        shm.close_fd()
+    hdr = HEADER_STRUCT.unpack_from(mm, 0)
+    indexes = _every_index(hdr, len(mm))
+    # A header of zeros: a segment whose writer died before it wrote the header (it sizes and
+    # commits the segment first). Nobody can read it; it is as good as known.
+    if not indexes and only_known and any(bytes(mm[:HEADER_SIZE])):
+        mm.close()
+        return
+    shm.unlink()
+    try:
+        if indexes:
+            q = memoryview(mm).cast("Q")
+            q[H_STALE] = 1
+            for start, end in indexes:
+                with q[start:end] as slots:
+                    _store_moved(slots)
+            q.release()
+        else:
+            log.warning("previous shm segment %s has an unknown layout: unlinked without marking it", name)
+    finally:
+        mm.close()
+    log.info("retired previous shm segment %s", name)
+
+
 def drop_namespace(namespace: str) -> list[tuple[str, int]]:
     """Unlink the control and data segments of ``namespace``: (name, bytes) of each.
 
     For a table no daemon writes any more (the caller holds its data dir's lock).
     """
     removed = []
-    for name in [ctl_name(namespace), *_namespace_segments(namespace)]:
+    for name in [*_namespace_segments(namespace), ctl_name(namespace)]:
         try:
             size = os.stat(SHM_DIR + name).st_size
-            posix_ipc.unlink_shared_memory(name)
-        except (FileNotFoundError, posix_ipc.ExistentialError):
+        except FileNotFoundError:
             continue
+        if name == ctl_name(namespace):
+            _unlink(name)
+        else:
+            # Marked as a retired table first: readers still attached move off it (and,
+            # finding no table, read through the daemon) instead of reading it for good.
+            _retire_named(name)
         removed.append((name, size))
     return removed
 
