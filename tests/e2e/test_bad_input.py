@@ -553,3 +553,23 @@ def test_table_files_removed_under_a_running_daemon_come_back(ws: Workspace) -> 
             old.put("k2", 3)
             assert new.get("k2") == 3 and old.get("k2") == 3
     assert "had been removed from /dev/shm: restored" in d.log()
+
+
+def test_a_data_dir_moved_under_the_daemon_stops_it_within_a_tick(ws: Workspace) -> None:
+    """mv data moved && mkdir data: the log goes on in the moved directory, but a second
+    daemon could take the old path (and the table's namespace). The daemon stops (exit 1)
+    at its next tick; the moved directory holds every acknowledged write."""
+    d = ws.daemon()
+    d.start()
+    with d.client() as c:
+        for i in range(50):
+            c.put(f"k{i}", i)
+    moved = ws.root / "moved"
+    d.data_dir.rename(moved)
+    d.data_dir.mkdir()
+    assert d.proc is not None and d.proc.wait(30) == 1  # 30 s: a hang guard; the tick is 1 s
+    assert "is no longer the directory this log was opened in" in d.log()
+    again = ws.daemon(name="moved").start()
+    with again.client() as c:
+        assert c.get_many([f"k{i}" for i in range(50)]) == {f"k{i}": i for i in range(50)}
+    assert list(d.data_dir.iterdir()) == []

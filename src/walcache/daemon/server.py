@@ -630,11 +630,23 @@ class Daemon:
                 # Expired entries read as missing already; this frees their space.
                 self.table.purge_expired()
                 self._restore_table_names()
+                self._check_data_dir()
                 if wd:
                     notify.watchdog()
             if self.stopping and self._drained():
                 break
         return self._shutdown()
+
+    def _check_data_dir(self) -> None:
+        """Once a tick: stop if the data dir was moved or replaced under the daemon. Its log
+        goes on in the moved directory, but a second daemon could take the old path (a
+        new, unlocked directory) and with it this table's namespace."""
+        if self.fatal is not None or self.stopping:
+            return
+        try:
+            self.writer.check_dir()
+        except OSError as exc:
+            self._fail(exc, what="the data dir check")
 
     def _restore_table_names(self) -> None:
         """Once a tick: put the table's names back if something removed them from /dev/shm."""

@@ -470,17 +470,7 @@ class WalWriter:
             self._dirty = True
             self._sync_locked()
         # 2-4. The next segment, durable under its final name, in the same directory.
-        try:
-            st = os.stat(self.data_dir)
-            same = (st.st_dev, st.st_ino) == self._dir_id
-        except FileNotFoundError:
-            same = False
-        if not same:
-            raise OSError(
-                errno.ESTALE,
-                f"{self.data_dir} is no longer the directory this log was opened in "
-                "(moved or replaced while the daemon ran)",
-            )
+        self.check_dir()
         final = self.data_dir / segment_name(self.segno + 1)
         try:
             fd, path = create_segment(
@@ -498,6 +488,21 @@ class WalWriter:
         self.offset = SEGMENT_HEADER_SIZE
         self._file_size = max(self.extent_bytes, SEGMENT_HEADER_SIZE)
         self.fileops.close(old)
+
+    def check_dir(self) -> None:
+        """OSError (ESTALE) if the data dir's path no longer names the directory this log
+        was opened in: it was moved (and maybe replaced) while the daemon ran."""
+        try:
+            st = os.stat(self.data_dir)
+            same = (st.st_dev, st.st_ino) == self._dir_id
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise OSError(
+                errno.ESTALE,
+                f"{self.data_dir} is no longer the directory this log was opened in "
+                "(moved or replaced while the daemon ran)",
+            )
 
     def _no_space(self, exc: OSError, what: str) -> LogFull:
         """No room to grow the log: this group is refused unwritten; the writer stays usable."""
