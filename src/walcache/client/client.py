@@ -126,6 +126,7 @@ class Client(MutableMapping[Key, Any]):
         self._data_dir = data_dir  # kept for pickling (see __reduce__)
         self.namespace: str | None = shm_namespace(data_dir) if data_dir is not None else namespace
         self.daemon_info: dict[str, Any] = {}
+        self._max_request = 1 << 62  # set from the daemon's limits by _connect
         try:
             self._connect()
         except DaemonUnavailable:
@@ -189,6 +190,8 @@ class Client(MutableMapping[Key, Any]):
             )
         self.namespace = info["namespace"]
         self.daemon_info = info
+        # The longest request frame the daemon takes whole (it closes the connection past it).
+        self._max_request = FRAME_HEADER.size + info.get("max_frame_bytes", 1 << 62)
 
     def _drop_socket(self) -> None:
         sock, self._sock = self._sock, None
@@ -298,11 +301,10 @@ class Client(MutableMapping[Key, Any]):
         """(req_id, frame), or ValueTooLarge for a frame the daemon would refuse whole
         (it closes the connection on one past --max-frame-bytes)."""
         req_id, frame = self._proto.request(op, *args)
-        limit = self.daemon_info.get("max_frame_bytes")
-        if limit is not None and len(frame) - FRAME_HEADER.size > limit:
+        if len(frame) > self._max_request:
             raise ValueTooLarge(
                 f"this {op} request is {len(frame) - FRAME_HEADER.size} bytes, over the daemon's "
-                f"--max-frame-bytes {limit}: store a smaller value or split the batch"
+                f"--max-frame-bytes {self._max_request - FRAME_HEADER.size}: store a smaller value or split the batch"
             )
         return req_id, frame
 
@@ -336,11 +338,17 @@ class Client(MutableMapping[Key, Any]):
 
     def get_many(self, keys: Iterable[Key]) -> dict[Key, Any]:
         """The found keys and their values (missing keys are left out)."""
-        given: list[Any] = list(keys)  # Key, or a bytearray / memoryview (read as bytes)
-        if any(type(k) in _BUFFERS for k in given):
-            # The result is keyed by the keys given: these are unhashable, their bytes are not.
-            given = [bytes(k) if type(k) in _BUFFERS else k for k in given]
-        keys = given
+        given: list[Any] = list(keys)
+        try:
+            return self._get_many(given)
+        except TypeError:
+            # The result is keyed by the keys given: a bytearray or memoryview key is
+            # unhashable, its bytes are not (checked only here, off the common path).
+            if not any(type(k) in _BUFFERS for k in given):
+                raise
+            return self._get_many([bytes(k) if type(k) in _BUFFERS else k for k in given])
+
+    def _get_many(self, keys: list[Any]) -> dict[Key, Any]:
         reader = self._reader
         if reader is not None and reader.lock_free_ok:
             try:
@@ -564,9 +572,7 @@ def connect(
         except (DaemonUnavailable, TableUnavailable) as exc:
             last: WalcacheError = exc
         else:
-            # Reap the daemon when it exits (it is this process's child): no zombie. Only
-            # now: poll() above and a wait() in another thread would contend for it.
-            threading.Thread(target=proc.wait, name="walcache-daemon-reaper", daemon=True).start()
+            _reap_in_background(proc)  # only now: poll() below would contend with its wait()
             return client
         code = proc.poll()
         if code is not None and code != 0:
@@ -578,12 +584,18 @@ def connect(
                 ) from None
         if time.monotonic() > deadline:
             if proc.poll() is None:  # still starting (or stuck): reaped whenever it exits
-                threading.Thread(target=proc.wait, name="walcache-daemon-reaper", daemon=True).start()
+                _reap_in_background(proc)
             raise DaemonUnavailable(
                 f"no daemon answered on {sock_path} within {start_timeout} s "
                 f"(last error: {last}); see {ddir / 'walcache.log'}"
             )
         time.sleep(0.02)
+
+
+def _reap_in_background(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for the daemon ``connect()`` started (a child of this process) in a thread,
+    so that it leaves no zombie when it exits."""
+    threading.Thread(target=proc.wait, name="walcache-daemon-reaper", daemon=True).start()
 
 
 def _reopen(

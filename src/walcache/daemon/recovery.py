@@ -757,7 +757,8 @@ def _rebuild_header(
     log's salt (the MANIFEST's, or another segment's). A bit flip there need not cost the
     records after it. The damaged header is kept as ``<name>.corrupt-<ns>``.
     """
-    head = fo.read_file(p.path)[:SEGMENT_HEADER_SIZE]
+    buf = fo.read_file(p.path)
+    head = buf[:SEGMENT_HEADER_SIZE]
     if len(head) == SEGMENT_HEADER_SIZE and zlib.crc32(head, RESIDUE) == RESIDUE:
         return None  # an intact header this walcache refuses (another format version): not damage
     salt: int | None = manifest.salt if manifest is not None else None
@@ -780,7 +781,6 @@ def _rebuild_header(
                     break
     if salt is None:
         return None
-    buf = fo.read_file(p.path)
     if nonzero_end(buf, SEGMENT_HEADER_SIZE) > SEGMENT_HEADER_SIZE:
         recs = find_intact_records(buf, SEGMENT_HEADER_SIZE, len(buf), salt=salt)
         if not recs or recs[0].offset != SEGMENT_HEADER_SIZE or recs[0].seqno != first:

@@ -398,12 +398,10 @@ class Daemon:
         self._socket_ino: tuple[int, int] | None = None
         # No room for the log (LogFull): writes refused, and the warning held back.
         self.log_full_refusals = 0
-        self._log_full_warned_at = -math.inf
-        self._log_full_held = 0
+        self._warn_log_full = _HeldWarning("writes refused")
         # Out of descriptors: this one is given up to accept a connection and refuse it.
         self._spare_fd: int | None = None
-        self._accept_warned_at = -math.inf
-        self._accept_warnings_held = 0
+        self._warn_accept = _HeldWarning("accept problems")
         # Compaction (see the module doc).
         self.compaction: _Compaction | None = None
         self.compactions = 0
@@ -787,16 +785,6 @@ class Daemon:
             pass  # taken meanwhile (another thread): the next EMFILE is only logged
         return sock is not None
 
-    def _warn_accept(self, message: str) -> None:
-        """Log an accept problem at most once per WARN_EVERY_S (it comes per connection)."""
-        now = time.monotonic()
-        if now - self._accept_warned_at >= WARN_EVERY_S:
-            more = f" ({self._accept_warnings_held} more since the last warning)" if self._accept_warnings_held else ""
-            log.warning("%s%s", message, more)
-            self._accept_warned_at, self._accept_warnings_held = now, 0
-        else:
-            self._accept_warnings_held += 1
-
     # ---------------------------------------------------------------- reading
 
     def _read(self, conn: _Conn) -> None:
@@ -1120,16 +1108,8 @@ class Daemon:
                 it.kind, it.result = "error", err
                 refused += 1
         self.log_full_refusals += refused
-        self._warn_log_full(err, refused)
+        self._warn_log_full(str(err), refused)
         self._complete_ready()
-
-    def _warn_log_full(self, err: LogFull, refused: int) -> None:
-        now = time.monotonic()
-        if now - self._log_full_warned_at >= WARN_EVERY_S:
-            log.warning("%s (%d writes refused since the last warning)", err, self._log_full_held + refused)
-            self._log_full_warned_at, self._log_full_held = now, 0
-        else:
-            self._log_full_held += refused
 
     def _fail(self, err: BaseException, what: str = "log write") -> None:
         """Answer everything not yet answered with the failure, apply nothing more, stop.
@@ -1715,6 +1695,23 @@ class Daemon:
         self.lock.release()
         log.info("stopped (exit %d)", self.exit_code)
         return self.exit_code
+
+
+class _HeldWarning:
+    """A warning that comes per connection or per write: logged at most once per
+    WARN_EVERY_S, with how many occurrences (``what``) it held back since the last."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.warned_at = -math.inf
+        self.held = 0
+
+    def __call__(self, message: str, count: int = 1) -> None:
+        self.held += count
+        now = time.monotonic()
+        if now - self.warned_at >= WARN_EVERY_S:
+            log.warning("%s (%d %s since the last warning)", message, self.held, self.what)
+            self.warned_at, self.held = now, 0
 
 
 def _refuse(sock: socket.socket, why: WalcacheError) -> None:

@@ -42,7 +42,7 @@ extent is zero-filled or the next segment is created up to its rename (its
 :class:`walcache.LogFull` and leaves the writer usable. No byte of the group was
 written then (it is written only into space already filled), so the group is
 refused whole and nothing is lost; the caller takes its seqnos back
-(``next_seqno``) and the next append retries the growth.
+(:meth:`WalWriter.take_back_unwritten`) and the next append retries the growth.
 
 Space. Segment files grow in zero-filled extents (``EXTENT_BYTES``): records
 then overwrite allocated blocks, so an fdatasync has no size or extent change
